@@ -1,0 +1,27 @@
+"""The `mtcmkd` command line: one thin command per file, registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from . import preprocess as _preprocess
+from . import synth as _synth
+
+app = typer.Typer(
+    name="mtcmkd",
+    help="Multi-teacher cross-modal knowledge distillation for brain-tumour segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("synth")(_synth.synth)
+app.command("preprocess")(_preprocess.preprocess)
+
+
+@app.callback()
+def _main() -> None:
+    """Pipeline: synth (phantom) -> preprocess (BraTS -> Zarr) -> train -> evaluate -> export."""
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,308 @@
+"""Convert one raw BraTS case into the store: load, check, crop, normalise, write atomically.
+
+The case is written to `STORE/.staging/<case_id>` and renamed into `STORE/cases/<case_id>` only
+when complete, so a killed run never leaves a half-written case where readers look. The layout
+is documented in docs/STORE.md.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from mtcmkd.brats import CHANNELS, REGIONS, release
+
+from .discover import CaseSource
+
+#: Foreground coordinates kept per region for patch sampling; plenty for uniform draws.
+MAX_FOREGROUND_COORDS = 10_000
+AFFINE_ATOL_MM = 1e-2
+
+
+class CaseError(Exception):
+    """A case cannot be converted. `str()` is the one-line message shown to users."""
+
+    def __init__(self, case_id: str, path: Path | str | None, reason: str):
+        self.case_id, self.path, self.reason = case_id, path, reason
+        where = f" {path}:" if path is not None else ""
+        super().__init__(f"case {case_id}:{where} {reason}")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Settings of a conversion, identical for all cases of a run."""
+
+    image_dtype: str = "float16"
+    chunk: int = 64
+    clevel: int = 3
+    labels_required: bool = True
+    raw_root: str = "."
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case_id: str
+    status: str  # "converted", "skipped" (already in the store) or "failed"
+    seconds: float = 0.0
+    shape: tuple[int, ...] | None = None
+    error: str | None = None
+    file: str | None = None
+
+
+@dataclass
+class _Volume:
+    data: np.ndarray
+    affine: np.ndarray
+    zooms: tuple[float, ...]
+    sha256: str
+
+
+def read_nifti(path: Path, case_id: str) -> _Volume:
+    """Read a .nii/.nii.gz once: the same bytes give the checksum and the array.
+
+    Raises:
+        CaseError: unreadable, truncated or corrupt file (the message says which).
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CaseError(case_id, path, f"cannot read file ({exc.strerror})") from None
+    sha = hashlib.sha256(raw).hexdigest()
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error):
+            raise CaseError(case_id, path, "truncated or corrupt gzip data") from None
+    try:
+        img = nib.Nifti1Image.from_bytes(raw)
+    except Exception:
+        try:
+            img = nib.Nifti2Image.from_bytes(raw)
+        except Exception:
+            raise CaseError(case_id, path, "not a valid NIfTI file (bad header)") from None
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception:
+        raise CaseError(case_id, path, "NIfTI data shorter than its header says "
+                        "(truncated file)") from None
+    return _Volume(data, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3]), sha)
+
+
+def _check_volume(vol: _Volume, case_id: str, path: Path, role: str, ref: _Volume | None,
+                  ref_role: str | None) -> None:
+    if vol.data.ndim != 3:
+        raise CaseError(case_id, path, f"expected a 3D volume, got {vol.data.ndim}D shape "
+                        f"{tuple(vol.data.shape)}")
+    if ref is not None:
+        if vol.data.shape != ref.data.shape:
+            raise CaseError(case_id, path, f"shape {tuple(vol.data.shape)} differs from "
+                            f"{ref_role}'s {tuple(ref.data.shape)}")
+        diff = float(np.abs(vol.affine - ref.affine).max())
+        if diff > AFFINE_ATOL_MM:
+            raise CaseError(case_id, path, f"affine differs from {ref_role}'s "
+                            f"(max difference {diff:.3g})")
+    if np.issubdtype(vol.data.dtype, np.floating):
+        n_bad = int(np.count_nonzero(~np.isfinite(vol.data)))
+        if n_bad:
+            raise CaseError(case_id, path, f"contains NaN or Inf ({n_bad} voxels)")
+    if role != "seg" and not np.any(vol.data):
+        raise CaseError(case_id, path, "all-zero volume")
+
+
+def _load_case(source: CaseSource, labels_required: bool
+               ) -> tuple[dict[str, np.ndarray], np.ndarray | None, _Volume, dict[str, dict]]:
+    """Load and check all files; returns channels, source seg, reference volume, file records."""
+    info = release(source.release)
+    cid = source.case_id
+    records: dict[str, dict] = {}
+    channels: dict[str, np.ndarray] = {}
+    if info.four_d:
+        path = source.files["image"]
+        vol = read_nifti(path, cid)
+        records["image"] = {"path": path, "sha256": vol.sha256}
+        if vol.data.ndim != 4 or vol.data.shape[3] != len(info.msd_channel_order):
+            raise CaseError(cid, path, f"expected a 4D volume with {len(info.msd_channel_order)} "
+                            f"channels, got shape {tuple(vol.data.shape)}")
+        if np.issubdtype(vol.data.dtype, np.floating) and not np.all(np.isfinite(vol.data)):
+            raise CaseError(cid, path, "contains NaN or Inf")
+        for i, name in enumerate(info.msd_channel_order):
+            channels[name] = vol.data[..., i]
+            if not np.any(channels[name]):
+                raise CaseError(cid, path, f"all-zero volume in channel {i} ({name})")
+        ref, ref_role = _Volume(vol.data[..., 0], vol.affine, vol.zooms, vol.sha256), "image"
+    else:
+        ref, ref_role = None, None
+        for role in CHANNELS:
+            path = source.files[role]
+            vol = read_nifti(path, cid)
+            _check_volume(vol, cid, path, role, ref, ref_role)
+            records[role] = {"path": path, "sha256": vol.sha256}
+            channels[role] = vol.data
+            if ref is None:
+                ref, ref_role = vol, role
+    assert ref is not None
+    seg = None
+    if "seg" in source.files:
+        path = source.files["seg"]
+        vol = read_nifti(path, cid)
+        _check_volume(vol, cid, path, "seg", ref, ref_role)
+        records["seg"] = {"path": path, "sha256": vol.sha256}
+        try:
+            seg = info.map_labels(vol.data)
+        except ValueError as exc:
+            raise CaseError(cid, path, str(exc)) from None
+    elif labels_required:
+        expected = source.folder / (info.file_name(cid, "seg") if not info.four_d else cid)
+        raise CaseError(cid, expected, "missing segmentation (labels are required for this "
+                        "dataset; pass --labels optional for unlabelled releases)")
+    return channels, seg, ref, records
+
+
+def foreground_bbox(channels: list[np.ndarray], seg: np.ndarray | None) -> list[list[int]]:
+    """Half-open bounding box `[[lo, hi], ...]` of voxels non-zero in any channel or the seg."""
+    mask = np.zeros(channels[0].shape, dtype=bool)
+    for ch in channels:
+        mask |= ch != 0
+    if seg is not None:
+        mask |= seg != 0
+    bbox = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        bbox.append([int(idx[0]), int(idx[-1]) + 1])
+    return bbox
+
+
+def zscore_nonzero(channel: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Z-score on the channel's non-zero voxels; zero voxels stay exactly 0.
+
+    Returns (float32 array, mean, std). Raises ValueError when the brain has a constant value.
+    """
+    mask = channel != 0
+    values = channel[mask].astype(np.float64)
+    mean = float(values.mean())
+    std = float(values.std())
+    if std < 1e-8:
+        raise ValueError("constant intensity inside the brain; cannot normalise")
+    out = np.zeros(channel.shape, dtype=np.float32)
+    out[mask] = ((values - mean) / std).astype(np.float32)
+    return out, mean, std
+
+
+def foreground_coordinates(labels: np.ndarray, case_id: str) -> dict[str, np.ndarray]:
+    """At most MAX_FOREGROUND_COORDS voxel coordinates per region, chosen reproducibly per case."""
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    out = {}
+    for name, values in REGIONS.items():
+        coords = np.argwhere(np.isin(labels, values)).astype(np.int32)
+        if len(coords) > MAX_FOREGROUND_COORDS:
+            keep = np.sort(rng.choice(len(coords), MAX_FOREGROUND_COORDS, replace=False))
+            coords = coords[keep]
+        out[name] = coords
+    return out
+
+
+def _chunks(shape: tuple[int, ...], chunk: int) -> tuple[int, ...]:
+    return tuple(min(chunk, s) for s in shape)
+
+
+def _shards(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
+    # One shard covering the whole array: a multiple of the chunk shape, >= the array shape.
+    return tuple(-(-s // c) * c for s, c in zip(shape, chunks, strict=True))
+
+
+def write_case_group(path: Path, image: np.ndarray, labels: np.ndarray | None,
+                     attrs: dict, options: ConvertOptions) -> None:
+    """Write one case group at `path` (a fresh directory) in the documented layout."""
+    compressor = BloscCodec(cname="zstd", clevel=options.clevel, shuffle="shuffle")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    img_chunks = (1, *_chunks(image.shape[1:], options.chunk))
+    arr = group.create_array("image", shape=image.shape, dtype=image.dtype, chunks=img_chunks,
+                             shards=_shards(image.shape, img_chunks), compressors=[compressor],
+                             fill_value=0)
+    arr[...] = image
+    fg_group = group.create_group("foreground")
+    if labels is not None:
+        lab_chunks = _chunks(labels.shape, options.chunk)
+        arr = group.create_array("label", shape=labels.shape, dtype="uint8", chunks=lab_chunks,
+                                 shards=_shards(labels.shape, lab_chunks),
+                                 compressors=[compressor], fill_value=0)
+        arr[...] = labels
+        for name, coords in foreground_coordinates(labels, attrs["case_id"]).items():
+            fg = fg_group.create_array(name, shape=coords.shape, dtype="int32",
+                                       chunks=(max(len(coords), 1), 3), compressors=[compressor],
+                                       fill_value=0)
+            if len(coords):
+                fg[...] = coords
+    group.attrs.update(attrs)
+
+
+def convert_case(source: CaseSource, store: Path, options: ConvertOptions) -> CaseResult:
+    """Convert one case into `store`; never raises for bad input (returns a failed result)."""
+    start = time.perf_counter()
+    final = store / "cases" / source.case_id
+    if (final / "zarr.json").is_file():
+        return CaseResult(source.case_id, "skipped")
+    staging = store / ".staging" / source.case_id
+    try:
+        if source.problem is not None:
+            raise CaseError(source.case_id, source.problem_file, source.problem)
+        channels, seg, ref, records = _load_case(source, options.labels_required)
+        bbox = foreground_bbox([channels[c] for c in CHANNELS], seg)
+        sl = tuple(slice(lo, hi) for lo, hi in bbox)
+        image = np.empty((len(CHANNELS), *(hi - lo for lo, hi in bbox)), dtype=options.image_dtype)
+        norm = {}
+        for i, name in enumerate(CHANNELS):
+            try:
+                out, mean, std = zscore_nonzero(channels[name][sl])
+            except ValueError as exc:
+                raise CaseError(source.case_id, records.get(name, records.get("image"))["path"],
+                                str(exc)) from None
+            image[i] = out
+            norm[name] = {"mean": mean, "std": std}
+        labels = None if seg is None else np.ascontiguousarray(seg[sl], dtype=np.uint8)
+        info = release(source.release)
+        raw_root = Path(options.raw_root)
+        attrs = {
+            "case_id": source.case_id,
+            "release": info.name,
+            "labelled": labels is not None,
+            "source_label_convention": {str(k): v for k, v in info.label_names.items()},
+            "label_map": {str(k): v for k, v in info.label_map.items()},
+            "affine": np.asarray(ref.affine, dtype=float).tolist(),
+            "spacing": list(ref.zooms),
+            "original_shape": list(ref.data.shape[:3]),
+            "crop_bbox": bbox,
+            "normalization": norm,
+            "source_files": {
+                role: {"path": os.path.relpath(rec["path"], raw_root), "sha256": rec["sha256"]}
+                for role, rec in records.items()
+            },
+        }
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        write_case_group(staging, image, labels, attrs, options)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)  # atomic on one file system: the case appears complete
+        return CaseResult(source.case_id, "converted", time.perf_counter() - start,
+                          tuple(image.shape))
+    except CaseError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        return CaseResult(source.case_id, "failed", time.perf_counter() - start, error=str(exc),
+                          file=None if exc.path is None else str(exc.path))
+    except Exception as exc:  # an unexpected failure must not take the other cases down
+        shutil.rmtree(staging, ignore_errors=True)
+        return CaseResult(source.case_id, "failed", time.perf_counter() - start,
+                          error=f"case {source.case_id}: unexpected {type(exc).__name__}: {exc}")

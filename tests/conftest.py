@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny raw BraTS datasets written in each release's layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mtcmkd.brats import CHANNELS, release
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2021-sample"
+
+
+def blob_case(shape: tuple[int, int, int] = (24, 28, 20), seed: int = 0, has_et: bool = True):
+    """A small case with a box-shaped brain and a 3-compartment spherical tumour.
+
+    Duck-types `mtcmkd.phantom.PhantomCase` (images, label, has_et) without the phantom's cost.
+    """
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    brain = np.zeros(shape, dtype=bool)
+    brain[2:-2, 3:-3, 2:-2] = True
+    centre = np.array(shape) // 2 + rng.integers(-2, 3, size=3)
+    r = np.sqrt((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[r < 6] = 2
+    label[r < 4] = 3 if has_et else 1
+    label[r < 2] = 1
+    images = {}
+    for i, name in enumerate(CHANNELS):
+        img = (300.0 + 100 * i + 40 * label + rng.normal(0, 5, shape)).astype(np.float32)
+        images[name] = np.where(brain, np.maximum(img, 1.0), 0.0).astype(np.float32)
+    return SimpleNamespace(images=images, label=label, has_et=has_et)
+
+
+def write_raw(out: Path, layout: str, n: int = 3, shape=(24, 28, 20)) -> list[str]:
+    """Write `n` blob cases under `out` in `layout`; returns the case ids."""
+    from mtcmkd.synth import _msd_dataset_json, write_case
+
+    info = release(layout)
+    ids = [write_case(out, info, i, blob_case(shape, seed=i, has_et=i % 3 != 2))
+           for i in range(n)]
+    if info.four_d:
+        _msd_dataset_json(out, ids)
+    return ids
+
+
+@pytest.fixture
+def raw2021(tmp_path: Path) -> Path:
+    raw = tmp_path / "raw"
+    write_raw(raw, "2021", n=3)
+    return raw
+
+
+def tree_digest(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under `root` (for identical-content checks)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}

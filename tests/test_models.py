@@ -1,0 +1,248 @@
+"""Unit tests for mtcmkd.models: parameter counts from METHODS.md, shapes, TorchScript, errors.
+
+Everything except the parameter counts uses tiny widths so the file runs in seconds on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtcmkd.models import (
+    CDSFL,
+    ChannelAttentionGate,
+    KDNetUNet,
+    ResidualBlock,
+    ResidualUNet,
+    build_network,
+    count_parameters,
+)
+
+# TorchScript works in torch 2.13 but warns that it is deprecated; the export path relies on it.
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
+)
+
+TINY = (4, 8, 12, 16)  # 3 downsamplings: sizes must be multiples of 8
+TINY_KDNET_5 = (4, 8, 8, 12, 16)  # KD-Net's 5 levels: sizes must be multiples of 16
+SIZES = [(16, 16, 16), (24, 16, 32)]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _tiny_networks(in_channels: int = 1) -> list[torch.nn.Module]:
+    return [
+        ResidualUNet(in_channels, 4, TINY).eval(),
+        KDNetUNet(in_channels, 4, TINY).eval(),
+    ]
+
+
+# ---------------------------------------------------------------- parameter counts (METHODS.md)
+
+
+def test_residual_unet_parameter_count_matches_paper() -> None:
+    assert count_parameters(ResidualUNet(in_channels=1, n_classes=4)) == 9_459_478
+
+
+def test_residual_block_parameter_count() -> None:
+    assert count_parameters(ResidualBlock(32, 64, stride=2)) == 221_696
+
+
+def test_channel_attention_gate_parameter_counts() -> None:
+    assert count_parameters(ChannelAttentionGate(384)) == 18_840
+    assert count_parameters(ChannelAttentionGate(64)) == 580
+
+
+def test_cdsfl_parameter_count() -> None:
+    assert count_parameters(CDSFL()) == 2_540
+    assert count_parameters(CDSFL(n_teachers=1)) == 580 + 260 + 20
+
+
+def test_count_parameters_trainable_only() -> None:
+    net = ChannelAttentionGate(64)
+    net.mlp[0].requires_grad_(False)
+    assert count_parameters(net) == 580
+    assert count_parameters(net, trainable_only=True) == 580 - (64 * 4 + 4)
+
+
+# ---------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_residual_unet_shapes(size: tuple[int, int, int]) -> None:
+    net = ResidualUNet(1, 4, TINY).eval()
+    d, h, w = size
+    x = torch.randn(2, 1, d, h, w)
+    with torch.no_grad():
+        logits = net(x)
+        feats = net.forward_features(x)
+    assert logits.shape == (2, 4, d, h, w)
+    assert set(feats) == {"logits", "ds_half", "ds_quarter", "features_half", "bottleneck"}
+    assert feats["logits"].shape == (2, 4, d, h, w)
+    assert feats["ds_half"].shape == (2, 4, d // 2, h // 2, w // 2)
+    assert feats["ds_quarter"].shape == (2, 4, d // 4, h // 4, w // 4)
+    assert feats["features_half"].shape == (2, TINY[1], d // 2, h // 2, w // 2)
+    assert feats["bottleneck"].shape == (2, TINY[-1], d // 8, h // 8, w // 8)
+    torch.testing.assert_close(feats["logits"], logits)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_kdnet_shapes(size: tuple[int, int, int]) -> None:
+    net = KDNetUNet(1, 4, TINY).eval()
+    d, h, w = size
+    x = torch.randn(2, 1, d, h, w)
+    with torch.no_grad():
+        logits = net(x)
+        feats = net.forward_features(x)
+    assert logits.shape == (2, 4, d, h, w)
+    assert {"logits", "ds_half", "features_half", "bottleneck"} <= set(feats)
+    assert feats["ds_half"].shape == (2, 4, d // 2, h // 2, w // 2)
+    assert feats["features_half"].shape == (2, TINY[1], d // 2, h // 2, w // 2)
+    assert feats["bottleneck"].shape == (2, TINY[-1], d // 8, h // 8, w // 8)
+    torch.testing.assert_close(feats["logits"], logits)
+
+
+def test_kdnet_five_levels_has_four_skips() -> None:
+    net = KDNetUNet(4, 4, TINY_KDNET_5).eval()
+    assert net.size_multiple == 16
+    assert len(net.up) == 4
+    x = torch.randn(1, 4, 16, 32, 16)
+    with torch.no_grad():
+        feats = net.forward_features(x)
+    assert feats["logits"].shape == (1, 4, 16, 32, 16)
+    assert feats["bottleneck"].shape == (1, 16, 1, 2, 1)
+
+
+@pytest.mark.parametrize("in_channels", [1, 4])
+def test_one_and_four_channel_inputs(in_channels: int) -> None:
+    for net in _tiny_networks(in_channels):
+        with torch.no_grad():
+            out = net(torch.randn(1, in_channels, 16, 16, 16))
+        assert out.shape == (1, 4, 16, 16, 16)
+        assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- TorchScript
+
+
+@pytest.mark.parametrize("kind", ["resunet", "kdnet"])
+def test_torchscript_matches_eager_at_two_sizes(kind: str, tmp_path: Path) -> None:
+    net = build_network(kind, 1, 4, TINY).eval()
+    scripted = torch.jit.script(net)
+    # Round trip through a file, as the export does.
+    path = tmp_path / f"{kind}.pt"
+    torch.jit.save(scripted, str(path))
+    loaded = torch.jit.load(str(path))
+    for d, h, w in SIZES:
+        x = torch.randn(1, 1, d, h, w)
+        with torch.no_grad():
+            expected = net(x)
+            torch.testing.assert_close(scripted(x), expected, rtol=0.0, atol=1e-5)
+            torch.testing.assert_close(loaded(x), expected, rtol=0.0, atol=1e-5)
+            eager_feats = net.forward_features(x)
+            scripted_feats = scripted.forward_features(x)
+        assert set(scripted_feats) == set(eager_feats)
+        for key, value in eager_feats.items():
+            torch.testing.assert_close(scripted_feats[key], value, rtol=0.0, atol=1e-5)
+
+
+def test_torchscript_keeps_size_check() -> None:
+    scripted = torch.jit.script(ResidualUNet(1, 4, TINY).eval())
+    # A scripted `raise ValueError` surfaces as torch.jit.Error with the original message.
+    with pytest.raises(torch.jit.Error, match="multiple of 8"):
+        scripted(torch.randn(1, 1, 12, 16, 16))
+
+
+def test_cdsfl_scripts() -> None:
+    fusion = CDSFL(3, 8, 4).eval()
+    scripted = torch.jit.script(fusion)
+    feats = [torch.randn(1, 8, 4, 6, 8) for _ in range(3)]
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(feats), fusion(feats), rtol=0.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kind", ["resunet", "kdnet"])
+def test_non_multiple_size_raises_value_error(kind: str) -> None:
+    net = build_network(kind, 1, 4, TINY)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        net.forward_features(torch.randn(1, 1, 16, 20, 16))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        net(torch.randn(1, 1, 12, 16, 16))
+    with pytest.raises(ValueError, match="5D input"):
+        net(torch.randn(1, 16, 16, 16))
+
+
+def test_build_network_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="'unet3d'"):
+        build_network("unet3d", 1, 4, None)
+
+
+def test_build_network_defaults() -> None:
+    assert build_network("resunet", 1, 4, None).widths == (32, 64, 128, 256)
+    assert build_network("kdnet", 4, 4, None).widths == (16, 32, 64, 128, 256)
+
+
+def test_bad_widths_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="divide by 6 or 4"):
+        ResidualUNet(1, 4, (4, 10, 12, 16))
+    with pytest.raises(ValueError, match="at least 3 widths"):
+        ResidualUNet(1, 4, (4, 8))
+
+
+def test_cdsfl_rejects_wrong_inputs() -> None:
+    fusion = CDSFL(3, 8, 4)
+    good = torch.randn(1, 8, 4, 4, 4)
+    with pytest.raises(ValueError, match="one feature tensor per teacher"):
+        fusion([good, good])
+    with pytest.raises(ValueError, match="same shape"):
+        fusion([good, good, torch.randn(1, 6, 4, 4, 4)])
+
+
+# ---------------------------------------------------------------- CDSFL behaviour
+
+
+def test_cdsfl_output_shape_and_gradient_reaches_every_teacher_input() -> None:
+    fusion = CDSFL(n_teachers=3, channels=8, n_classes=4)
+    feats = [torch.randn(2, 8, 4, 6, 8, requires_grad=True) for _ in range(3)]
+    fused = fusion(feats)
+    assert fused.shape == (2, 4, 4, 6, 8)
+    fused.square().mean().backward()
+    for f in feats:
+        assert f.grad is not None
+        assert f.grad.abs().sum() > 0
+
+
+def test_cdsfl_gradient_reaches_every_teacher_network() -> None:
+    """The cooperative part of MTCM-KD: the fusion loss trains all teachers."""
+    teachers = [ResidualUNet(1, 4, TINY) for _ in range(3)]
+    fusion = CDSFL(n_teachers=3, channels=TINY[1], n_classes=4)
+    x = torch.randn(1, 1, 16, 16, 16)
+    fused = fusion([t.forward_features(x)["features_half"] for t in teachers])
+    assert fused.shape == (1, 4, 8, 8, 8)
+    fused.square().mean().backward()
+    for teacher in teachers:
+        grad = teacher.stem.shortcut.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+def test_bf16_autocast_cpu_gives_finite_outputs() -> None:
+    x = torch.randn(1, 1, 16, 16, 16)
+    fusion = CDSFL(3, TINY[1], 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for net in _tiny_networks():
+            feats = net.forward_features(x)
+            for value in feats.values():
+                assert torch.isfinite(value.float()).all()
+        fused = fusion([feats["features_half"]] * 3)
+        assert torch.isfinite(fused.float()).all()

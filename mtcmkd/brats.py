@@ -78,7 +78,10 @@ class Release:
             ValueError: the volume holds a value this release does not define (e.g. 3 in 2021
                 data, 5 anywhere, or a non-integer value); the message lists the bad values.
         """
-        values = np.unique(seg)
+        if seg.dtype.kind in "ui" and seg.size and 0 <= seg.min() and seg.max() < 4096:
+            values = np.flatnonzero(np.bincount(seg.reshape(-1)))  # much faster than unique
+        else:
+            values = np.unique(seg)
         if not np.all(np.equal(np.mod(values, 1), 0)):
             bad = values[np.mod(values, 1) != 0][:5]
             raise ValueError(f"non-integer label values {bad.tolist()}")

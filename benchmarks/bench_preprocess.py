@@ -1,0 +1,107 @@
+"""Preprocessing speed on real BraTS cases: 1 worker vs the I/O floor, and 2-worker scaling.
+
+The I/O floor loads the same NIfTI files with nibabel and writes the already-computed output
+arrays with the same Zarr settings, with no checking, cropping or normalisation in between: what
+any converter must pay. Usage:
+
+    python benchmarks/bench_preprocess.py --raw ../shared/data/brats2021-sample [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import zarr
+
+from mtcmkd.brats import CHANNELS
+from mtcmkd.preprocessing import discover_cases, preprocess
+from mtcmkd.preprocessing.convert import ConvertOptions, write_case_group
+
+
+def _replicate(raw: Path, out: Path, copies: int) -> Path:
+    """Symlink the cases `copies` times under fresh 2021-style ids (for the scaling measure)."""
+    cases = discover_cases(raw)
+    for k in range(copies):
+        for j, case in enumerate(cases):
+            cid = f"BraTS2021_{9000 + k * 100 + j:05d}"
+            (out / cid).mkdir(parents=True)
+            for role, path in case.files.items():
+                os.symlink(path.resolve(), out / cid / f"{cid}_{role}.nii.gz")
+    return out
+
+
+def io_floor(raw: Path, store: Path, tmp: Path, options: ConvertOptions) -> float:
+    """Seconds per case to load the NIfTI files and write the finished arrays (no processing)."""
+    root = zarr.open_group(str(store), mode="r")
+    times = []
+    for case in discover_cases(raw):
+        g = root["cases"][case.case_id]
+        image, label = g["image"][...], g["label"][...]
+        attrs = dict(g.attrs)
+        out = tmp / f"floor_{case.case_id}"
+        t0 = time.perf_counter()
+        for role in (*CHANNELS, "seg"):
+            np.asanyarray(nib.load(case.files[role]).dataobj)
+        write_case_group(out, image, label, attrs, options)
+        times.append(time.perf_counter() - t0)
+        shutil.rmtree(out)
+    return float(np.mean(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--raw", type=Path, default=Path("../shared/data/brats2021-sample"))
+    ap.add_argument("--copies", type=int, default=2, help="replicas of the cases for scaling")
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args()
+
+    results: dict = {"machine": f"{platform.node()} ({os.cpu_count()} cores)",
+                     "cases": [c.case_id for c in discover_cases(args.raw)]}
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        for dtype in ("float16", "float32"):
+            store = tmp / f"store_{dtype}"
+            rep = preprocess(args.raw, store, workers=1, image_dtype=dtype)
+            per_case = [r.seconds for r in rep.results]
+            size = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+            results[dtype] = {"s_per_case": float(np.mean(per_case)),
+                              "mb_per_case": size / len(per_case) / 1e6}
+        floor = io_floor(args.raw, tmp / "store_float16", tmp, ConvertOptions())
+        results["io_floor_s_per_case"] = floor
+        results["ratio_to_floor"] = results["float16"]["s_per_case"] / floor
+
+        many = _replicate(args.raw, tmp / "many", args.copies)
+        walls = {}
+        for workers in (1, 2):
+            store = tmp / f"scale_{workers}"
+            t0 = time.perf_counter()
+            rep = preprocess(many, store, workers=workers)
+            walls[workers] = time.perf_counter() - t0
+            assert not rep.failed, rep.failed
+        results["scaling"] = {"n_cases": len(rep.results), "wall_1": walls[1], "wall_2": walls[2],
+                              "speedup_2_workers": walls[1] / walls[2]}
+
+    print(f"machine: {results['machine']}")
+    for dtype in ("float16", "float32"):
+        r = results[dtype]
+        print(f"{dtype}: {r['s_per_case']:.3f} s/case, {r['mb_per_case']:.1f} MB/case")
+    print(f"I/O floor: {floor:.3f} s/case; float16 pipeline / floor = "
+          f"{results['ratio_to_floor']:.2f}x")
+    s = results["scaling"]
+    print(f"{s['n_cases']} cases: 1 worker {s['wall_1']:.2f} s, 2 workers {s['wall_2']:.2f} s, "
+          f"speed-up {s['speedup_2_workers']:.2f}x")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

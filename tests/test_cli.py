@@ -1,0 +1,63 @@
+"""The command line through Typer: exit codes, one-line errors, summaries."""
+
+from __future__ import annotations
+
+import json
+
+import zarr
+from conftest import write_raw
+from typer.testing import CliRunner
+
+from mtcmkd.cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "synth" in result.output and "preprocess" in result.output
+
+
+def test_preprocess_ok_prints_summary(tmp_path, raw2021):
+    result = runner.invoke(app, ["preprocess", str(raw2021), str(tmp_path / "store"), "--folds", "3"])
+    assert result.exit_code == 0, result.output
+    assert "converted" in result.output
+    assert zarr.open_group(str(tmp_path / "store"), mode="r").attrs["folds"]["n_folds"] == 3
+
+
+def test_preprocess_failed_case_exit_1_with_one_line(tmp_path):
+    raw = tmp_path / "raw"
+    ids = sorted(write_raw(raw, "2021", n=2))
+    (raw / ids[0] / f"{ids[0]}_flair.nii.gz").unlink()
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["preprocess", str(raw), str(tmp_path / "store"),
+                                 "--report", str(report)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.stderr.splitlines() if "failed" in ln] + [
+        ln for ln in result.output.splitlines() if ln.startswith("failed")]
+    assert any(f"case {ids[0]}" in ln and "missing flair" in ln for ln in lines), result.output
+    data = json.loads(report.read_text())
+    assert data["n_failed"] == 1 and data["n_converted"] == 1
+
+
+def test_preprocess_empty_folder_exit_2_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["preprocess", str(tmp_path / "empty"), str(tmp_path / "s")])
+    assert result.exit_code == 2
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "no BraTS" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_preprocess_bad_option_values(tmp_path, raw2021):
+    for args in (["--labels", "maybe"], ["--workers", "0"], ["--year", "2017b"],
+                 ["--dtype", "int8"]):
+        result = runner.invoke(app, ["preprocess", str(raw2021), str(tmp_path / "s"), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith("error:"), args
+
+
+def test_synth_layout_validation(tmp_path):
+    result = runner.invoke(app, ["synth", str(tmp_path / "x"), "--layout", "2017"])
+    assert result.exit_code == 2 and "--layout" in result.stderr

@@ -45,6 +45,7 @@ class ConvertOptions:
 
     image_dtype: str = "float16"
     chunk: int = 64
+    codec: str = "lz4"  # Blosc inner codec: "lz4" (fast patch reads) or "zstd" (smaller)
     clevel: int = 1
     labels_required: bool = True
     raw_root: str = "."
@@ -231,9 +232,11 @@ def _shards(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
 def write_case_group(path: Path, image: np.ndarray, labels: np.ndarray | None,
                      attrs: dict, options: ConvertOptions) -> None:
     """Write one case group at `path` (a fresh directory) in the documented layout."""
-    compressor = BloscCodec(cname="zstd", clevel=options.clevel, shuffle="shuffle")
+    compressor = BloscCodec(cname=options.codec, clevel=options.clevel, shuffle="shuffle")
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    img_chunks = (1, *_chunks(image.shape[1:], options.chunk))
+    # All channels in one chunk: every training read takes all four (teachers and student see
+    # the same voxels), and 4x fewer chunks means 4x less per-chunk overhead in zarr.
+    img_chunks = (image.shape[0], *_chunks(image.shape[1:], options.chunk))
     arr = group.create_array("image", shape=image.shape, dtype=image.dtype, chunks=img_chunks,
                              shards=_shards(image.shape, img_chunks), compressors=[compressor],
                              fill_value=0)

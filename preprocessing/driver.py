@@ -123,7 +123,7 @@ def _resolve_labels(cases: list[CaseSource], labels: str) -> bool:
 
 def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int = 1,
                n_folds: int = 5, seed: int = 0, image_dtype: str = "float16", chunk: int = 64,
-               labels: str = "auto",
+               codec: str = "lz4", labels: str = "auto",
                on_start: Callable[[int], None] | None = None,
                on_result: Callable[[CaseResult], None] | None = None) -> PreprocessReport:
     """Convert every case of `raw` into the Zarr store `store`.
@@ -146,7 +146,9 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
             case.problem, case.problem_file = "case id has unsupported characters", case.folder
     open_or_create_store(store)
     shutil.rmtree(store / ".staging", ignore_errors=True)  # leftovers of a killed run
-    options = ConvertOptions(image_dtype=image_dtype, chunk=chunk,
+    if codec not in ("lz4", "zstd"):
+        raise DatasetError(f"--codec must be lz4 or zstd (got {codec})")
+    options = ConvertOptions(image_dtype=image_dtype, chunk=chunk, codec=codec,
                              labels_required=_resolve_labels(cases, labels), raw_root=str(raw))
     report = PreprocessReport(raw=str(raw), store=str(store),
                               releases=sorted({c.release for c in cases}))

@@ -1,0 +1,161 @@
+"""Reading the mtcmkd Zarr store (format version 1, see docs/STORE.md).
+
+This module only reads: the store is written by `mtcmkd preprocess`. Everything here works on
+plain `zarr` groups, so a store can also be inspected by hand with the same calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr
+import zarr.errors
+
+STORE_FORMAT = "mtcmkd-brats-zarr"
+"""Value of the root attribute `format` of every mtcmkd store."""
+
+STORE_FORMAT_VERSION = 1
+"""The `format_version` this reader understands."""
+
+
+class StoreFormatError(ValueError):
+    """The path exists but is not an mtcmkd store this version of the code can read."""
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    """Open an mtcmkd store read-only and check its format.
+
+    Args:
+        path: the store directory (the folder holding the root `zarr.json`).
+
+    Returns:
+        The root group, opened with `mode="r"` (writes raise).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        StoreFormatError: `path` is not a Zarr v3 group, or its root attributes `format` /
+            `format_version` are not those of an mtcmkd store of version 1. The message names
+            the path and says how to make a valid store.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such store; create it with `mtcmkd preprocess RAW {path}`"
+        )
+    if not (path / "zarr.json").is_file():
+        raise StoreFormatError(
+            f"{path}: not a Zarr v3 store (no zarr.json at its root); "
+            f"create it with `mtcmkd preprocess RAW {path}`"
+        )
+    try:
+        group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+    except (zarr.errors.NodeTypeValidationError, zarr.errors.GroupNotFoundError) as err:
+        raise StoreFormatError(f"{path}: the root is not a Zarr group ({err})") from err
+
+    found_format = group.attrs.get("format")
+    if found_format != STORE_FORMAT:
+        raise StoreFormatError(
+            f"{path}: not an mtcmkd store (root attribute format={found_format!r}, "
+            f"expected {STORE_FORMAT!r}); create one with `mtcmkd preprocess RAW STORE`"
+        )
+    found_version = group.attrs.get("format_version")
+    if found_version != STORE_FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{path}: store format_version={found_version!r}, this code reads version "
+            f"{STORE_FORMAT_VERSION}; re-run `mtcmkd preprocess` with this version of mtcmkd"
+        )
+    return group
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """The root attributes of a store that the data pipeline needs.
+
+    Attributes:
+        channels: modality names in the order of the image's first axis,
+            e.g. `("t1", "t1ce", "t2", "flair")`.
+        cases: every case id in the store, sorted.
+        labelled_cases: the ids of the cases that have a `label` array, sorted.
+        folds: case id -> fold index in `[0, n_folds)`, for the labelled cases.
+        n_folds: the number of cross-validation folds.
+        fold_seed: the seed the folds were dealt with (recorded for provenance).
+        regions: region name -> canonical labels it contains, in store order
+            (`{"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}`).
+    """
+
+    channels: tuple[str, ...]
+    cases: tuple[str, ...]
+    labelled_cases: tuple[str, ...]
+    folds: Mapping[str, int]
+    n_folds: int
+    fold_seed: int
+    regions: Mapping[str, tuple[int, ...]]
+
+    @classmethod
+    def from_group(cls, group: zarr.Group) -> StoreInfo:
+        """Read the info from the root group returned by `open_store`.
+
+        Raises:
+            StoreFormatError: a required root attribute is missing or malformed; the message
+                names the attribute and the store.
+        """
+        attrs: Mapping[str, Any] = group.attrs.asdict()
+        where = str(group.store)
+        try:
+            folds = attrs["folds"]
+            info = cls(
+                channels=tuple(str(c) for c in attrs["channels"]),
+                cases=tuple(str(c) for c in attrs["cases"]),
+                labelled_cases=tuple(str(c) for c in attrs["labelled_cases"]),
+                folds={str(k): int(v) for k, v in folds["assignment"].items()},
+                n_folds=int(folds["n_folds"]),
+                fold_seed=int(folds["seed"]),
+                regions={str(k): tuple(int(x) for x in v) for k, v in attrs["regions"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise StoreFormatError(
+                f"{where}: malformed root attributes ({type(err).__name__}: {err}); "
+                "see docs/STORE.md for the expected keys"
+            ) from err
+        unassigned = [c for c in info.labelled_cases if c not in info.folds]
+        if unassigned:
+            raise StoreFormatError(
+                f"{where}: labelled cases without a fold in folds.assignment: {unassigned[:5]}"
+            )
+        return info
+
+    @classmethod
+    def read(cls, path: str | Path) -> StoreInfo:
+        """`open_store(path)` then `from_group`; same errors as both."""
+        return cls.from_group(open_store(path))
+
+
+def split_cases(info: StoreInfo, fold: int) -> tuple[list[str], list[str]]:
+    """Training and validation case ids of one cross-validation fold.
+
+    Args:
+        info: the store's info.
+        fold: the held-out fold, in `[0, info.n_folds)`.
+
+    Returns:
+        `(train_ids, val_ids)`, both sorted: the validation ids are the labelled cases assigned
+        to `fold`, the training ids all other labelled cases. Unlabelled cases are in neither.
+
+    Raises:
+        ValueError: `fold` is out of range, or the split leaves either side empty (e.g. a store
+            with a single fold or fewer cases than folds).
+    """
+    if not 0 <= fold < info.n_folds:
+        raise ValueError(f"fold {fold} out of range: the store has {info.n_folds} folds")
+    val_ids = sorted(c for c in info.labelled_cases if info.folds[c] == fold)
+    train_ids = sorted(c for c in info.labelled_cases if info.folds[c] != fold)
+    if not val_ids or not train_ids:
+        raise ValueError(
+            f"fold {fold} gives {len(train_ids)} training and {len(val_ids)} validation cases "
+            f"({len(info.labelled_cases)} labelled cases in {info.n_folds} folds); "
+            "both must be non-empty"
+        )
+    return train_ids, val_ids

@@ -6,6 +6,7 @@ import typer
 
 from . import preprocess as _preprocess
 from . import synth as _synth
+from . import train as _train
 
 app = typer.Typer(
     name="mtcmkd",
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.command("synth")(_synth.synth)
 app.command("preprocess")(_preprocess.preprocess)
+app.command("train")(_train.train)
 
 
 @app.callback()

@@ -1,0 +1,5 @@
+"""`python -m mtcmkd ...` == `mtcmkd ...` (what torchrun, deepspeed and srun launch)."""
+
+from mtcmkd.cli.main import app
+
+app(prog_name="mtcmkd")

@@ -1,0 +1,457 @@
+"""The training loop: DeepSpeed engine over a method, iteration-based epochs, exact resume.
+
+Read top to bottom: set up ranks -> build data, method, optimiser, engine -> maybe resume ->
+for each epoch: for each micro-batch: forward, backward, step, log, checkpoint -> end of epoch:
+reduce method statistics, validate, keep the best student. The loop never knows which method
+runs: a method turns a batch into a `MethodOutput` (see `mtcmkd.methods`).
+
+Exact resume: every random draw depends only on (seed, rank, epoch, index) (the patch sampler)
+or on state saved in the checkpoint (weights, optimiser, method buffers, epoch statistics so
+far, learning rates, the position in the epoch), so a run killed and resumed ends with the same
+weights as an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtcmkd.config import RunConfig, config_hash, dump_config, to_dict
+from mtcmkd.engine import checkpoint as ckpt
+from mtcmkd.engine.dist import DistInfo, setup_distributed
+
+EXIT_PREEMPTED = 3  # the run saved a checkpoint after a warning signal and wants a requeue
+
+
+class TrainError(RuntimeError):
+    """A user-facing problem (bad resume, store without cases for this fold, ...)."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        raise TrainError("train.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
+    return precision
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the typed config (never edited by hand)."""
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # our own logging
+        "wall_clock_breakdown": False,
+    }
+    if t.grad_clip is not None:
+        ds["gradient_clipping"] = t.grad_clip
+    return ds
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights and optimiser that an exact resume needs."""
+
+    epoch: int = 0
+    micro_in_epoch: int = 0  # next micro-batch index within the epoch
+    step: int = 0  # optimiser steps done
+    epoch_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    plateau_best: float = math.inf
+    plateau_bad_epochs: int = 0
+    val_history: list[dict] = field(default_factory=list)
+
+    def to_client(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "step": self.step,
+            "epoch_stats": {k: v.detach().cpu() for k, v in self.epoch_stats.items()},
+            "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+            "plateau_best": self.plateau_best, "plateau_bad_epochs": self.plateau_bad_epochs,
+            "val_history": json.dumps(self.val_history),
+        }
+
+    @classmethod
+    def from_client(cls, d: dict[str, Any]) -> LoopState:
+        return cls(epoch=int(d["epoch"]), micro_in_epoch=int(d["micro_in_epoch"]),
+                   step=int(d["step"]), epoch_stats=dict(d["epoch_stats"]),
+                   best_metric=float(d["best_metric"]), best_epoch=int(d["best_epoch"]),
+                   plateau_best=float(d["plateau_best"]),
+                   plateau_bad_epochs=int(d["plateau_bad_epochs"]),
+                   val_history=json.loads(d["val_history"]))
+
+
+class _Preemption:
+    """Turns SIGUSR1/SIGTERM (SLURM's --signal warning, scancel) into a flag read at step ends."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def _all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in sorted(tensors):
+        t = tensors[k].detach().double().clone()
+        torch.distributed.all_reduce(t)
+        out[k] = t
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class JsonlLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self.fh = open(path, "a") if enabled else None  # noqa: SIM115
+
+    def write(self, record: dict) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            self.fh.flush()
+
+
+def _batches(dataset: Any, start: int, batch_size: int, num_workers: int) -> Any:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, sampler=range(start, len(dataset)),
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      drop_last=True)
+
+
+def train(cfg: RunConfig, out: Path, *, resume: bool = False,
+          echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `cfg` into the run folder `out`; returns a summary dict (rank 0's view).
+
+    Raises:
+        TrainError: `--resume` without a checkpoint, a changed config, a run folder that
+            already holds checkpoints without `--resume`, or a store that does not fit.
+    """
+    import deepspeed
+
+    from mtcmkd.data import PatchDataset, StoreInfo, split_cases
+    from mtcmkd.methods import build_method
+
+    dist: DistInfo = setup_distributed()
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    chash = config_hash(cfg)
+    existing = ckpt.latest_tag(ckpt_dir)
+    if resume and existing is None:
+        raise TrainError(f"{out}: --resume given but no complete checkpoint in {ckpt_dir}")
+    if not resume and existing is not None:
+        raise TrainError(f"{out}: run folder already holds checkpoint {existing}; pass --resume "
+                         "to continue it or choose a new --out")
+    if resume:
+        saved_hash = ckpt.read_complete(ckpt_dir, existing)["config_hash"]
+        if saved_hash != chash:
+            raise TrainError(f"{out}: the config differs from the one checkpoint {existing} was "
+                             f"trained with (hash {saved_hash} vs {chash}); resume with the "
+                             f"saved {out / 'config.yaml'} or start a new run")
+
+    if cfg.data.store is None:
+        raise TrainError("data.store is not set (pass --store)")
+    info = StoreInfo.read(cfg.data.store)
+    train_ids, val_ids = split_cases(info, cfg.data.fold)
+    if len(train_ids) < dist.world_size:
+        raise TrainError(f"{cfg.data.store}: fold {cfg.data.fold} leaves {len(train_ids)} "
+                         f"training cases for {dist.world_size} ranks")
+    t = cfg.train
+    seed = t.seed
+    torch.manual_seed(seed + dist.rank)
+    np.random.seed((seed + dist.rank) % 2**32)
+    micro_per_epoch = t.iters_per_epoch * t.grad_accum
+    dataset = PatchDataset(cfg.data.store, train_ids, patch_size=cfg.data.patch_size,
+                           samples_per_epoch=micro_per_epoch * t.batch_size,
+                           fg_fraction=cfg.data.fg_fraction, seed=seed, rank=dist.rank,
+                           world_size=dist.world_size, augment=cfg.data.augment)
+
+    method = build_method(cfg, info.channels).to(dist.device)
+    precision = resolve_precision(t.precision, dist.device)
+    groups = [{"params": [p for p in params if p.requires_grad], "name": name, "lr": t.lr}
+              for name, params in method.param_groups().items()]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+    ds_cfg = deepspeed_config(cfg, dist.world_size, precision)
+    engine, optimizer, _, _ = deepspeed.initialize(model=method, optimizer=optimizer,
+                                                   config=ds_cfg, dist_init_required=False)
+    engine.checkpoint_engine = ckpt.make_safe_checkpoint_engine(engine.checkpoint_engine)
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        ckpt.atomic_write_text(out / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
+    torch.distributed.barrier()
+    log = JsonlLog(out / "log.jsonl", dist.is_main)
+    tb = None
+    if t.tensorboard and dist.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            echo("tensorboard not installed; train.tensorboard ignored")
+
+    state = LoopState()
+    if resume:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=existing)
+        if client is None:
+            raise TrainError(f"{ckpt_dir / existing}: DeepSpeed could not load the checkpoint")
+        state = LoopState.from_client(client)
+        torch.set_rng_state(client["torch_rng"])
+        echo(f"resumed from {existing}: epoch {state.epoch}, step {state.step}")
+
+    preempt = _Preemption()
+    student_group = next((i for i, g in enumerate(optimizer.param_groups)
+                          if g.get("name") == "student"), None)
+
+    def client_state() -> dict[str, Any]:
+        return {**state.to_client(), "torch_rng": torch.get_rng_state(), "config_hash": chash}
+
+    def save_checkpoint() -> None:
+        meta = {"config_hash": chash, "epoch": state.epoch, "step": state.step,
+                "micro_in_epoch": state.micro_in_epoch, "world_size": dist.world_size}
+        tag = ckpt.save(engine, ckpt_dir, state.step, client_state(), meta, t.keep_last,
+                        dist.is_main)
+        if dist.is_main:
+            _save_student(out / "student.pt", method, cfg, chash, state, val_dice={})
+        echo(f"checkpoint {tag}")
+
+    summary: dict[str, Any] = {"preempted": False}
+    timers = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
+    n_timed = 0
+    term_sums: dict[str, float] = {}
+    run_start = time.perf_counter()
+    samples_since_log, log_clock = 0, time.perf_counter()
+
+    while state.epoch < t.epochs:
+        dataset.set_epoch(state.epoch)
+        engine.train()
+        tic = time.perf_counter()
+        for batch in _batches(dataset, state.micro_in_epoch * t.batch_size, t.batch_size,
+                              cfg.data.num_workers):
+            timers["data"] += time.perf_counter() - tic
+            image = batch["image"].to(dist.device, non_blocking=True)
+            if precision == "bf16":
+                image = image.bfloat16()
+            inputs = {"image": image, "label": batch["label"].to(dist.device, non_blocking=True)}
+            t0 = time.perf_counter()
+            result = engine(inputs, state.epoch)
+            t1 = time.perf_counter()
+            engine.backward(result.loss)
+            t2 = time.perf_counter()
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            t3 = time.perf_counter()
+            timers["forward"] += t1 - t0
+            timers["backward"] += t2 - t1
+            timers["step"] += t3 - t2
+            n_timed += 1
+            for k, v in result.stats.items():
+                state.epoch_stats[k] = state.epoch_stats.get(k, 0) + v.detach().double().cpu()
+            for k, v in result.terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + float(v)
+            term_sums["loss"] = term_sums.get("loss", 0.0) + float(result.loss.detach())
+            state.micro_in_epoch += 1
+            samples_since_log += t.batch_size * dist.world_size
+            if boundary:
+                state.step += 1
+                if state.step % t.log_every == 0 and n_timed:
+                    now = time.perf_counter()
+                    record = {"kind": "train", "step": state.step, "epoch": state.epoch,
+                              **{f"loss/{k}" if k != "loss" else k: v / n_timed
+                                 for k, v in term_sums.items()},
+                              **{f"time/{k}": v / n_timed for k, v in timers.items()},
+                              "samples_per_s": samples_since_log / max(now - log_clock, 1e-9),
+                              **{f"lr/{g.get('name', i)}": g["lr"]
+                                 for i, g in enumerate(optimizer.param_groups)},
+                              **_method_extras(method)}
+                    log.write(record)
+                    if tb is not None:
+                        for k, v in record.items():
+                            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                                tb.add_scalar(k, v, state.step)
+                    if dist.is_main:
+                        echo(f"epoch {state.epoch} step {state.step} loss "
+                             f"{record['loss']:.4f} {record['samples_per_s']:.2f} samples/s "
+                             f"(data {record['time/data'] * 1e3:.0f} ms)")
+                    timers = dict.fromkeys(timers, 0.0)
+                    term_sums, n_timed = {}, 0
+                    samples_since_log, log_clock = 0, now
+                flag = torch.tensor([1.0 if preempt.requested else 0.0])
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                if flag.item() > 0:
+                    save_checkpoint()
+                    summary["preempted"] = True
+                    log.write({"kind": "preempted", "step": state.step, "epoch": state.epoch})
+                    return _finish(summary, state, out, dist)
+                if t.ckpt_every and state.step % t.ckpt_every == 0:
+                    save_checkpoint()
+            tic = time.perf_counter()
+
+        # ---- end of epoch: method statistics over all ranks, validation, plateau
+        reduced = _all_reduce_sum(state.epoch_stats) if state.epoch_stats else {}
+        extras = method.end_epoch(reduced)
+        record = {"kind": "epoch", "epoch": state.epoch, "step": state.step, **extras}
+        val = None
+        if val_ids and t.val_every and (state.epoch + 1) % t.val_every == 0:
+            val = validate(method, cfg, val_ids, dist)
+            record.update({f"val/dice_{k}": v for k, v in val.items()})
+            state.val_history.append({"epoch": state.epoch, **val})
+            mean_dice = float(np.mean([val["WT"], val["TC"], val["ET"]]))
+            if mean_dice > state.best_metric:
+                state.best_metric, state.best_epoch = mean_dice, state.epoch
+                if dist.is_main:
+                    _save_student(out / "best_student.pt", method, cfg, chash, state, val)
+                    ckpt.atomic_write_text(out / "best.json", json.dumps(
+                        {"epoch": state.epoch, "step": state.step, "mean_dice": mean_dice,
+                         "dice": val}, indent=2) + "\n")
+            _plateau(state, 1.0 - mean_dice, t, optimizer, student_group, echo)
+        log.write(record)
+        if dist.is_main:
+            echo(f"epoch {state.epoch} done" + (
+                "" if val is None else " val dice " + " ".join(
+                    f"{k} {v:.3f}" for k, v in val.items())))
+        state.epoch += 1
+        state.micro_in_epoch = 0
+        state.epoch_stats = {}
+
+    if ckpt.latest_tag(ckpt_dir) != ckpt.step_tag(state.step) or not t.ckpt_every:
+        save_checkpoint()
+    else:  # the last step was just checkpointed: only the end-of-run student file is missing
+        if dist.is_main:
+            _save_student(out / "student.pt", method, cfg, chash, state, val_dice={})
+    summary["seconds"] = time.perf_counter() - run_start
+    summary["ranks_in_sync"] = _ranks_in_sync(method)
+    return _finish(summary, state, out, dist)
+
+
+def _finish(summary: dict, state: LoopState, out: Path, dist: DistInfo) -> dict:
+    summary.update({"epoch": state.epoch, "step": state.step, "best_mean_dice":
+                    None if state.best_epoch < 0 else state.best_metric,
+                    "best_epoch": state.best_epoch, "run_dir": str(out),
+                    "world_size": dist.world_size})
+    torch.distributed.barrier()
+    return summary
+
+
+def _ranks_in_sync(method: Any) -> bool:
+    """True when every rank holds bit-identical parameters (data parallelism kept them equal)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in method.parameters()])
+        local = torch.tensor([flat.sum().item(), (flat * flat).sum().item(),
+                              (flat * torch.arange(flat.numel(), dtype=torch.float64)
+                               ).sum().item()], dtype=torch.float64)
+    low, high = local.clone(), local.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def _method_extras(method: Any) -> dict[str, float]:
+    extras = getattr(method, "log_values", None)
+    return extras() if callable(extras) else {}
+
+
+def _plateau(state: LoopState, val_loss: float, t: Any, optimizer: Any,
+             student_group: int | None, echo: Callable[[str], None]) -> None:
+    """ReduceLROnPlateau on the student's group only, from `plateau_start_epoch` (the paper)."""
+    if student_group is None or state.epoch < t.plateau_start_epoch:
+        return
+    if val_loss < state.plateau_best - 1e-8:
+        state.plateau_best, state.plateau_bad_epochs = val_loss, 0
+        return
+    state.plateau_bad_epochs += 1
+    if state.plateau_bad_epochs > t.plateau_patience:
+        group = optimizer.param_groups[student_group]
+        group["lr"] *= t.plateau_factor
+        state.plateau_bad_epochs = 0
+        echo(f"student learning rate -> {group['lr']:.3g}")
+
+
+def _save_student(path: Path, method: Any, cfg: RunConfig, chash: str, state: LoopState,
+                  val_dice: dict[str, float]) -> None:
+    from mtcmkd.student_weights import save_student
+
+    save_student(path, method.student_network(), config=to_dict(cfg), config_hash=chash,
+                 channels=tuple(method.student_channels()), output=cfg.model.output,
+                 n_out=4 if cfg.model.output == "softmax" else 3,
+                 patch_size=tuple(cfg.data.patch_size), val_dice=val_dice, step=state.step,
+                 epoch=state.epoch)
+
+
+@torch.no_grad()
+def validate(method: Any, cfg: RunConfig, val_ids: list[str], dist: DistInfo) -> dict[str, float]:
+    """Mean BraTS Dice (WT/TC/ET) of the student on the held-out cases, full volumes.
+
+    Sliding-window inference on the cropped store volumes (model selection only; the reported
+    metrics come from `mtcmkd evaluate` in native space). Cases are split over ranks and the
+    sums all-reduced, so every rank gets the same numbers.
+    """
+    from mtcmkd.data import open_store
+    from mtcmkd.inference import SlidingWindow, probabilities_to_labels
+    from mtcmkd.metrics import score_case
+
+    t = cfg.train
+    ids = val_ids if t.val_cases is None else val_ids[: t.val_cases]
+    root = open_store(cfg.data.store)
+    channels = list(root.attrs["channels"])
+    student = method.student_network()
+    was_training = student.training
+    student.eval()
+    n_out = 4 if cfg.model.output == "softmax" else 3
+    window = SlidingWindow(student, tuple(cfg.data.patch_size), n_out, overlap=0.5,
+                           output=cfg.model.output)
+    idx = [channels.index(c) for c in method.student_channels()]
+    sums = torch.zeros(3, dtype=torch.float64)
+    for cid in ids[dist.rank::dist.world_size]:
+        g = root["cases"][cid]
+        image = torch.from_numpy(np.asarray(g["image"][idx], dtype=np.float32))[None]
+        param = next(student.parameters())
+        probs = window(image.to(device=param.device, dtype=param.dtype))
+        pred = probabilities_to_labels(probs[0], cfg.model.output).cpu().numpy()
+        scores = score_case(pred, np.asarray(g["label"][...]), tuple(g.attrs["spacing"]))
+        sums += torch.tensor([scores["dice"][r] for r in ("WT", "TC", "ET")], dtype=torch.float64)
+    count = torch.tensor([float(len(ids[dist.rank::dist.world_size]))], dtype=torch.float64)
+    torch.distributed.all_reduce(sums)
+    torch.distributed.all_reduce(count)
+    student.train(was_training)
+    mean = (sums / count.clamp(min=1)).tolist()
+    return {"WT": mean[0], "TC": mean[1], "ET": mean[2]}
+
+
+def run_summary_path(out: Path) -> Path:
+    return Path(out) / "summary.json"
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        ckpt.atomic_write_text(run_summary_path(out), json.dumps(summary, indent=2) + "\n")

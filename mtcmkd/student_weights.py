@@ -1,0 +1,109 @@
+"""The student weights file: what inference, evaluation and export load.
+
+`student.pt` is a `torch.save`d dict of tensors and plain values only (loaded with
+`weights_only=True`):
+
+    format "mtcmkd-student", format_version 1, state_dict (the student network),
+    config (the run's resolved config as plain dicts), config_hash, channels (student
+    modalities, e.g. ["t1ce"]), n_out, output ("softmax" or "regions"), patch_size,
+    val_dice ({"WT": .., "TC": .., "ET": ..} or {}), step, epoch, mtcmkd_version.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtcmkd import __version__
+
+FORMAT = "mtcmkd-student"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StudentBundle:
+    network: nn.Module
+    channels: tuple[str, ...]
+    output: str
+    n_out: int
+    patch_size: tuple[int, int, int]
+    meta: dict[str, Any]
+
+
+def save_student(path: Path, network: nn.Module, *, config: dict, config_hash: str,
+                 channels: tuple[str, ...], output: str, n_out: int,
+                 patch_size: tuple[int, int, int], val_dice: dict[str, float] | None = None,
+                 step: int = 0, epoch: int = 0) -> None:
+    """Write the file atomically (temporary name, then rename)."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                       for k, v in network.state_dict().items()},
+        "config": config,
+        "config_hash": config_hash,
+        "channels": list(channels),
+        "output": output,
+        "n_out": int(n_out),
+        "patch_size": [int(p) for p in patch_size],
+        "val_dice": dict(val_dice or {}),
+        "step": int(step),
+        "epoch": int(epoch),
+        "mtcmkd_version": __version__,
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_student_path(path: Path) -> Path:
+    """A run folder -> its best (else last) student file; a file -> itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best_student.pt", "student.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: run folder holds no student weights "
+                                "(best_student.pt or student.pt); has training finished a step?")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or run folder")
+    return path
+
+
+def load_student(path: Path) -> StudentBundle:
+    """Rebuild the student network from a weights file or run folder.
+
+    Raises:
+        FileNotFoundError: nothing there. ValueError: not a student file, or weights that do not
+        fit the network its config describes. CheckpointError: a tampered file.
+    """
+    from mtcmkd.engine.checkpoint import safe_torch_load
+    from mtcmkd.models import build_network
+
+    path = resolve_student_path(path)
+    payload = safe_torch_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an mtcmkd student weights file")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: student file format version {payload.get('format_version')} "
+                         f"is not supported (expected {FORMAT_VERSION})")
+    model_cfg = payload["config"]["model"]
+    widths = model_cfg.get("widths")
+    net = build_network(model_cfg["kind"], len(payload["channels"]), int(payload["n_out"]),
+                        None if widths is None else tuple(widths))
+    try:
+        net.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit the student network of its config "
+                         f"({first})") from None
+    net.eval()
+    return StudentBundle(network=net, channels=tuple(payload["channels"]),
+                         output=payload["output"], n_out=int(payload["n_out"]),
+                         patch_size=tuple(payload["patch_size"]), meta=payload)

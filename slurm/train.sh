@@ -1,0 +1,52 @@
+#!/bin/bash
+# Train on a SLURM cluster: one task per GPU, ranks from the SLURM variables (no SSH needed).
+#
+#   sbatch slurm/train.sh CONFIG STORE [OUT]            # or set CONFIG / STORE / OUT in the env
+#   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 slurm/train.sh configs/mtcmkd.yaml /data/brats2021.zarr
+#
+# Preemption and time limits: SLURM sends SIGUSR1 to every task 300 s before the limit
+# (--signal); the run saves a checkpoint and exits with code 3, and this script requeues the
+# job, which resumes from that checkpoint (same job id, same OUT, same log file).
+#SBATCH --job-name=mtcmkd
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.log
+set -euo pipefail
+
+CONFIG=${CONFIG:-${1:-configs/mtcmkd.yaml}}
+STORE=${STORE:-${2:?usage: sbatch slurm/train.sh CONFIG STORE [OUT]}}
+OUT=${OUT:-${3:-runs/${SLURM_JOB_NAME:-mtcmkd}-${SLURM_JOB_ID:-local}}}
+PYTHON=${MTCMKD_PYTHON:-python}          # e.g. /path/to/.venv/bin/python
+EXTRA_ARGS=${MTCMKD_ARGS:-}              # e.g. "--set train.epochs=50"
+
+# Rendezvous on the first node of the allocation; a port derived from the job id.
+MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
+MASTER_PORT=$((20000 + ${SLURM_JOB_ID} % 20000))
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+
+RESUME=""
+if [ -f "${OUT}/checkpoints/latest" ]; then
+    RESUME="--resume"
+fi
+echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS} tasks on" \
+     "${SLURM_JOB_NUM_NODES} node(s), master ${MASTER_ADDR}:${MASTER_PORT}, out ${OUT} ${RESUME}"
+
+set +e
+# shellcheck disable=SC2086
+srun --kill-on-bad-exit=1 "${PYTHON}" -m mtcmkd train --config "${CONFIG}" --store "${STORE}" \
+    --out "${OUT}" ${RESUME} ${EXTRA_ARGS}
+rc=$?
+set -e
+if [ "${rc}" -eq 3 ]; then
+    echo "[$(date -Is)] checkpoint saved after the warning signal; requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+fi
+exit "${rc}"

@@ -1,0 +1,170 @@
+"""`mtcmkd train` on CPU through DeepSpeed: run folder, exact resume, refusals, two ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_raw
+
+from mtcmkd.preprocessing import preprocess
+from mtcmkd.student_weights import load_student
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+FAST = ["--set", "train.epochs=2", "--set", "train.iters_per_epoch=3", "--set",
+        "train.ckpt_every=1", "--set", "train.val_cases=1", "--set", "data.patch_size=[16,16,16]"]
+
+
+def _env() -> dict[str, str]:
+    # One thread: identical float results between runs (and no oversubscription on 2 cores).
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
+
+
+def _train_cmd(store: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mtcmkd", "train", "--config", str(TINY), "--store", str(store),
+            "--out", str(out), *FAST, *extra]
+
+
+def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    write_raw(tmp / "raw", "2021", n=4, shape=(24, 28, 20))
+    report = preprocess(tmp / "raw", tmp / "store", n_folds=2)
+    assert not report.failed
+    return tmp / "store"
+
+
+@pytest.fixture(scope="module")
+def finished_run(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    r = _run(_train_cmd(store, out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_student(path).network.state_dict()
+
+
+def test_train_writes_a_complete_run_folder(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "ds_config.json", "log.jsonl", "student.pt", "summary.json"):
+        assert (out / name).is_file(), name
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["bf16"]["enabled"] is False
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert all("loss/student/seg" in r and "time/data" in r for r in train)
+    assert any("loss/student/kd_flair" in r for r in train if r["epoch"] == 1)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all("val/dice_WT" in r for r in epochs)
+    assert abs(sum(epochs[0][f"alpha/{t}"] for t in ("flair", "t2", "t1")) - 0.15) < 1e-6
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_00000006" and (out / "checkpoints" / latest / "COMPLETE").is_file()
+    # keep_last 2: older complete checkpoints are pruned
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == [
+        "step_00000005", "step_00000006"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["ranks_in_sync"] is True
+    bundle = load_student(out)
+    assert bundle.channels == ("t1ce",) and bundle.n_out == 4
+
+
+def test_resume_after_sigkill_gives_identical_weights(store, finished_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(store, out), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "step_00000002" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never reached its second checkpoint"
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest != "step_00000006", "the run finished before it was killed"
+    r = _run(_train_cmd(store, out, "--resume"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    ref, got = _weights(finished_run / "student.pt"), _weights(out / "student.pt")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_resume_refusals(store, finished_run, tmp_path):
+    r = _run(_train_cmd(store, tmp_path / "empty", "--resume"))
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr
+    r = _run(_train_cmd(store, finished_run))
+    assert r.returncode == 2 and "already holds checkpoint" in r.stderr
+    r = _run(_train_cmd(store, finished_run, "--resume", "--set", "train.lr=0.5"))
+    assert r.returncode == 2 and "config differs" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tampered_checkpoint_is_refused(store, finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "tampered"
+    shutil.copytree(finished_run, out)
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    target = next((out / "checkpoints" / tag).glob("*model_states.pt"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(target, "wb") as fh:
+        pickle.dump({"module": Evil()}, fh)
+    r = _run(_train_cmd(store, out, "--resume"))
+    assert r.returncode == 2 and "refused to load" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_tampered_student_file_is_refused(finished_run, tmp_path):
+    from mtcmkd.engine.checkpoint import CheckpointError
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "student.pt"
+    torch.save({"format": "mtcmkd-student", "x": Evil()}, bad)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_student(bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_two_ranks_with_torchrun_stay_in_sync(store, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "mtcmkd", "train", "--config", str(TINY),
+           "--store", str(store), "--out", str(out), *FAST, "--set", "train.epochs=1"]
+    r = _run(cmd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 2
+
+
+def _free_port() -> int:
+    from mtcmkd.engine.dist import free_port
+
+    return free_port()

@@ -40,7 +40,7 @@ def train(
     except FileNotFoundError:
         fail(f"{config}: no such config file")
     except ConfigError as exc:
-        fail(f"{config}: {exc}")
+        fail(str(exc) if str(config) in str(exc) else f"{config}: {exc}")
     if cfg.data.store is None:
         fail("no store: pass --store or set data.store in the config")
     if not Path(cfg.data.store).is_dir():

@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The main job on the embedded phantom: synth -> preprocess -> store summary -> MTCM-KD
+# training with DeepSpeed on two CPU ranks (torchrun).
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/mtcmkd synth $(DEMO)/raw --cases 6 --layout 2021 --shape 96 96 64 --seed 0
-	$(BIN)/mtcmkd preprocess $(DEMO)/raw $(DEMO)/store --workers 2 --folds 3
+	$(BIN)/mtcmkd synth $(DEMO)/raw --cases 8 --layout 2021 --shape 96 96 64 --seed 0
+	$(BIN)/mtcmkd preprocess $(DEMO)/raw $(DEMO)/store --workers 2 --folds 4
+	$(BIN)/mtcmkd store-info $(DEMO)/store
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m mtcmkd train \
+		--config configs/tiny.yaml --store $(DEMO)/store --out $(DEMO)/run
 
 # pytest exits 5 when it collects no test; make treats that as a failure too.
 test: $(STAMP)

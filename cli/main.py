@@ -6,6 +6,7 @@ import typer
 
 from . import preprocess as _preprocess
 from . import synth as _synth
+from . import store_info as _store_info
 from . import train as _train
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.command("synth")(_synth.synth)
 app.command("preprocess")(_preprocess.preprocess)
+app.command("store-info")(_store_info.store_info)
 app.command("train")(_train.train)
 
 

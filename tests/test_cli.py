@@ -61,3 +61,27 @@ def test_preprocess_bad_option_values(tmp_path, raw2021):
 def test_synth_layout_validation(tmp_path):
     result = runner.invoke(app, ["synth", str(tmp_path / "x"), "--layout", "2017"])
     assert result.exit_code == 2 and "--layout" in result.stderr
+
+
+def test_store_info_summarises_a_store(tmp_path, raw2021):
+    store = tmp_path / "store"
+    assert runner.invoke(app, ["preprocess", str(raw2021), str(store), "--folds", "3"]).exit_code == 0
+    result = runner.invoke(app, ["store-info", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["cases"] == 3 and info["labelled"] == 3 and info["folds"] == [1, 1, 1]
+    assert info["cases_with_et"] == 2 and info["channels"] == ["t1", "t1ce", "t2", "flair"]
+    bad = runner.invoke(app, ["store-info", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error:")
+
+
+def test_synth_then_preprocess_small_phantom(tmp_path):
+    raw = tmp_path / "raw"
+    result = runner.invoke(app, ["synth", str(raw), "--cases", "2", "--shape", "48", "48", "40",
+                                 "--layout", "2023"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in raw.iterdir()) == ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]
+    again = runner.invoke(app, ["synth", str(raw), "--cases", "1"])
+    assert again.exit_code == 2 and "not an empty folder" in again.stderr
+    result = runner.invoke(app, ["preprocess", str(raw), str(tmp_path / "store"), "--folds", "2"])
+    assert result.exit_code == 0, result.output

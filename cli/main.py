@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from . import evaluate as _evaluate
+from . import inspect_cmd as _inspect
+from . import predict as _predict
 from . import preprocess as _preprocess
+from . import report as _report
 from . import synth as _synth
 from . import store_info as _store_info
 from . import train as _train
@@ -20,6 +24,10 @@ app.command("synth")(_synth.synth)
 app.command("preprocess")(_preprocess.preprocess)
 app.command("store-info")(_store_info.store_info)
 app.command("train")(_train.train)
+app.command("inspect")(_inspect.inspect_config)
+app.command("predict")(_predict.predict)
+app.command("evaluate")(_evaluate.evaluate)
+app.command("report")(_report.report)
 
 
 @app.callback()

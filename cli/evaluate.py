@@ -1,0 +1,214 @@
+"""`mtcmkd evaluate`: BraTS scores of a run's held-out cases, or of any tool's predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .console import console, err_console, fail
+from .predict import resolve_device
+
+if TYPE_CHECKING:
+    from mtcmkd.evaluation import Evaluation, ScoringCase
+
+#: Per-case rows shown on the console; more cases show only the mean (all are in the files).
+MAX_CASE_ROWS = 25
+
+
+def evaluate(
+    year: Annotated[str | None, typer.Option(
+        help="Release whose rules (2023+: also lesion-wise) and label values apply: 2018, 2019, "
+             "2020, 2021, 2023 (and later), msd. Required.")] = None,
+    run: Annotated[Path | None, typer.Option(
+        help="Run folder: predict and score the held-out cases of its fold.")] = None,
+    store: Annotated[Path | None, typer.Option(
+        help="With --run: the Zarr store (default: the run config's data.store).")] = None,
+    split: Annotated[str, typer.Option(
+        help="With --run: val (the run's held-out fold) or all (every labelled case).")] = "val",
+    pred: Annotated[Path | None, typer.Option(
+        help="Folder of <case_id>.nii.gz predictions (any tool, the release's label values).")
+    ] = None,
+    gt: Annotated[Path | None, typer.Option(
+        help="With --pred: raw data in the release's layout holding the *_seg files.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder for metrics.json / metrics.csv (default RUN/eval or ./eval).")
+    ] = None,
+    png: Annotated[Path | None, typer.Option(help="Also write an overlay PNG per case here.")
+                   ] = None,
+    legacy_slice_dice: Annotated[bool, typer.Option(
+        "--legacy-slice-dice", help="Also report the MTCM-KD authors' slice-averaged Dice "
+                                    "(NOT the BraTS Dice; labelled as such).")] = False,
+    postprocess_et: Annotated[int | None, typer.Option(
+        "--postprocess-et", help="Relabel a predicted ET of fewer voxels than this as NCR before "
+                                 "scoring (off by default; reported in the outputs).")] = None,
+    mirror: Annotated[bool, typer.Option(
+        "--mirror", help="With --run: test-time flips (8x slower).")] = False,
+    overlap: Annotated[float, typer.Option(
+        help="With --run: sliding-window overlap in [0, 1).")] = 0.5,
+    device: Annotated[str, typer.Option(help="With --run: auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Score segmentations by the BraTS rules in native space: per case and region (WT, TC,
+    ET) Dice, HD95 (mm), sensitivity, specificity; lesion-wise Dice/HD95 for 2023+.
+
+    Either --run RUN_DIR (predict the store's held-out cases, uncropped to the original grid) or
+    --pred PRED_DIR --gt RAW_DIR (score existing files). Writes metrics.json and metrics.csv
+    and prints the means next to published reference numbers.
+    """
+    from mtcmkd.evaluation import (
+        EvaluationError,
+        EvaluationSettings,
+        match_prediction_files,
+        prediction_file_cases,
+        run_evaluation_inputs,
+        score_predictions,
+        store_scoring_cases,
+        write_metrics,
+    )
+
+    if year is None:
+        fail("--year is required (e.g. --year 2021): it sets the scoring rules and label values")
+    if (run is None) == (pred is None):
+        fail("pass either --run RUN_DIR or --pred PRED_DIR --gt RAW_DIR")
+    if pred is not None and gt is None:
+        fail("--pred needs --gt RAW_DIR (the ground truth in the release's layout)")
+    unpredicted: list[str] = []
+    if run is None and (store is not None or split != "val"):
+        fail("--store and --split go with --run")
+    if not 0.0 <= overlap < 1.0:
+        fail(f"--overlap must be in [0, 1) (got {overlap})")
+    try:
+        settings = EvaluationSettings(year, postprocess_et, legacy_slice_dice)
+    except ValueError as exc:
+        fail(f"--year/--postprocess-et: {exc}")
+
+    try:
+        if run is not None:
+            inputs = run_evaluation_inputs(run, store, split)
+            dev = resolve_device(device)
+            inputs.bundle.network.to(dev)
+            n_cases = len(inputs.case_ids)
+            cases = store_scoring_cases(inputs.bundle, inputs.store, inputs.case_ids,
+                                        overlap=overlap, mirror=mirror, device=dev,
+                                        with_image=png is not None)
+            source: dict[str, Any] = {
+                "mode": "run", "run": str(run), "model": str(inputs.student_path),
+                "config_hash": inputs.bundle.meta.get("config_hash"),
+                "channels": list(inputs.bundle.channels), "store": str(inputs.store),
+                "fold": inputs.fold, "split": split, "mirror": mirror, "overlap": overlap,
+                "space": "native (store crops put back on the original grid)",
+            }
+            out_dir = out if out is not None else run / "eval"
+        else:
+            assert pred is not None and gt is not None
+            pairs, unpredicted = match_prediction_files(pred, gt, year)
+            n_cases = len(pairs)
+            cases = prediction_file_cases(pairs, year, with_image=png is not None)
+            source = {"mode": "predictions", "pred": str(pred), "gt": str(gt),
+                      "unscored_truth_cases": len(unpredicted)}
+            out_dir = out if out is not None else Path("eval")
+
+        progress = Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.description}"),
+                            console=console, transient=True)
+
+        def on_case(case: ScoringCase, record: dict[str, Any]) -> None:
+            if png is not None:
+                from mtcmkd.figures import overlay_png
+
+                overlay_png(png / f"{case.case_id}.png", case.image, truth=case.truth,
+                            prediction=case.prediction, affine=case.affine,
+                            spacing=case.spacing, title=case.case_id)
+            progress.update(task, advance=1, description=case.case_id)
+
+        with progress:
+            task = progress.add_task("", total=n_cases)
+            evaluation = score_predictions(cases, settings, source=source, on_case=on_case)
+    except EvaluationError as exc:
+        fail(str(exc))
+    except ValueError as exc:  # e.g. prediction/truth shapes differ
+        fail(str(exc))
+
+    json_path, csv_path = write_metrics(evaluation, out_dir)
+    _print_tables(evaluation)
+    console.print(f"wrote {json_path} and {csv_path}", soft_wrap=True)
+    if unpredicted:
+        shown = ", ".join(unpredicted[:5]) + (" ..." if len(unpredicted) > 5 else "")
+        err_console.print(f"[yellow]warning:[/] {len(unpredicted)} ground-truth case(s) have no "
+                          f"prediction and were not scored: {shown}", soft_wrap=True)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _score_table(title: str, evaluation: Evaluation,
+                 columns: list[tuple[str, str, str]]) -> Table:
+    """Rows per case (up to MAX_CASE_ROWS) and the mean; columns: (header, metric, region)."""
+    table = Table(title=title)
+    table.add_column("case", no_wrap=True)
+    for header, _, _ in columns:
+        table.add_column(header, justify="right")
+
+    def cells(scores: dict[str, Any]) -> list[str]:
+        return [f"{scores[m][r]:.2f}" if "hd95" in m else _pct(scores[m][r])
+                for _, m, r in columns]
+
+    if len(evaluation.cases) <= MAX_CASE_ROWS:
+        for case in evaluation.cases:
+            table.add_row(case["case"], *cells(case))
+    table.add_row("mean", *cells(evaluation.mean()), style="bold")
+    return table
+
+
+def _print_tables(evaluation: Evaluation) -> None:
+    """Per-case scores (up to MAX_CASE_ROWS), the mean, references, and the fine print."""
+    from mtcmkd.evaluation import REFERENCE_NUMBERS
+
+    settings = evaluation.settings
+    regions = ("WT", "TC", "ET")
+    n = len(evaluation.cases)
+    console.print(_score_table(
+        f"BraTS {settings.year}, legacy per-case rules ({n} cases; Dice %, HD95 mm)", evaluation,
+        [(f"Dice {r}", "dice", r) for r in regions] + [(f"HD95 {r}", "hd95", r) for r in regions]))
+    if settings.lesion_wise:
+        console.print(_score_table(
+            f"BraTS {settings.year} lesion-wise ({n} cases; Dice %, HD95 mm)", evaluation,
+            [(f"Dice {r}", "lesion_wise_dice", r) for r in regions]
+            + [(f"HD95 {r}", "lesion_wise_hd95", r) for r in regions]))
+    if settings.legacy_slice_dice:
+        console.print(_score_table(
+            "LEGACY slice-averaged Dice % (MTCM-KD authors' metric, NOT the BraTS Dice)",
+            evaluation, [(f"slice Dice {r}", "legacy_slice_dice", r) for r in regions]))
+
+    mean = evaluation.mean()
+    ref = Table(title="published reference numbers (Dice %)")
+    for col in ("", "source", "data", "WT", "TC", "ET", "mean", "comparable"):
+        ref.add_column(col, justify="right" if col in ("WT", "TC", "ET", "mean") else "left")
+    mean_dice = [mean["dice"][r] for r in regions]
+    ref.add_row("", "this evaluation", f"BraTS {settings.year}, {n} cases",
+                *map(_pct, mean_dice), _pct(sum(mean_dice) / 3), "-", style="bold")
+    for i, item in enumerate(REFERENCE_NUMBERS, start=1):
+        dice = [item.dice.get(r) for r in regions]
+        known = [d for d in dice if d is not None]
+        mean_ref = item.mean_dice if item.mean_dice is not None else (
+            sum(known) / 3 if len(known) == 3 else None)
+        ref.add_row(f"[{i}]", item.source, item.data,
+                    *("-" if d is None else f"{d:.1f}" for d in dice),
+                    "-" if mean_ref is None else f"{mean_ref:.1f}", item.comparable)
+    console.print(ref)
+    for i, item in enumerate(REFERENCE_NUMBERS, start=1):
+        console.print(f"  [{i}] {item.note}", soft_wrap=True, markup=False)
+    post = ("off" if settings.postprocess_et is None
+            else f"a predicted ET < {settings.postprocess_et} voxels relabelled as NCR")
+    console.print(f"ET post-processing: {post}", soft_wrap=True)
+    console.print(f"rules: {settings.rules}", soft_wrap=True)
+    console.print("HD95: MONAI definition (per-direction 95th percentile, then the max), mm from "
+                  "the voxel spacing", soft_wrap=True)
+    if settings.legacy_slice_dice:
+        console.print("LEGACY slice Dice is NOT the BraTS Dice (MTCM-KD authors' slice-averaged "
+                      "2D Dice, slices empty in both score 1); shown only to explain the "
+                      "published numbers", soft_wrap=True)

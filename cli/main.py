@@ -9,8 +9,8 @@ from . import inspect_cmd as _inspect
 from . import predict as _predict
 from . import preprocess as _preprocess
 from . import report as _report
-from . import synth as _synth
 from . import store_info as _store_info
+from . import synth as _synth
 from . import train as _train
 
 app = typer.Typer(

@@ -1,0 +1,68 @@
+"""`mtcmkd inspect`: show what a config builds (networks, parameters, modalities, loss terms)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mtcmkd.brats import CHANNELS
+from mtcmkd.config import ConfigError, config_hash, load_config
+
+from .console import console, fail
+
+
+def inspect_config(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML file.")],
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a value: section.key=value (YAML value), repeatable.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Validate a config and show its networks (parameters, modalities) and loss terms."""
+    try:
+        cfg = load_config(config, overrides or ())
+    except ConfigError as exc:
+        fail(str(exc))
+    import torch
+
+    from mtcmkd.methods import build_method
+
+    # Parameters on the meta device: counting needs no memory and no initialisation.
+    try:
+        with torch.device("meta"):
+            method = build_method(cfg, CHANNELS)
+    except ValueError as exc:
+        fail(f"{config}: {exc}")
+    info: dict[str, Any] = {"config": str(config), "name": cfg.name, "hash": config_hash(cfg)}
+    info.update(method.describe())
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+
+    console.print(f"[bold]{cfg.name}[/]  method {info['method']}  output {info['output']} "
+                  f"({info['n_classes']} channels)  hash {info['hash']}")
+    networks = Table(title="networks")
+    networks.add_column("network")
+    networks.add_column("modalities")
+    networks.add_column("parameters", justify="right")
+    networks.add_column("optimiser group")
+    total = 0
+    for name, net in info["networks"].items():
+        total += net["params"]
+        networks.add_row(name, ", ".join(net["modalities"]), f"{net['params']:,}", net["group"])
+    networks.add_row("[bold]total[/]", "", f"[bold]{total:,}[/]", "")
+    console.print(networks)
+
+    terms = Table(title="loss terms (weights as applied)")
+    terms.add_column("term")
+    terms.add_column("weight", justify="right")
+    terms.add_column("epochs")
+    terms.add_column("what")
+    for row in info["loss_terms"]:
+        terms.add_row(row["term"], f"{row['weight']:.4g}", row["epochs"], row["note"])
+    console.print(terms)
+    if info["settings"]:
+        console.print("settings: " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))

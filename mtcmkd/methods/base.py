@@ -1,0 +1,315 @@
+"""The one interface every method implements, and the helpers the methods share.
+
+A method owns its networks and turns a batch into named losses; the training loop only knows
+:class:`Method`:
+
+    out = method(batch, epoch)            # MethodOutput
+    out.loss.backward(); optimiser.step()  # one optimiser, param groups from param_groups()
+    epoch_stats += out.stats               # summed over steps, then all-reduced (sum) over ranks
+    logs = method.end_epoch(epoch_stats)   # updates method state (MTCM-KD's teacher weights)
+
+Gradient isolation between the groups of one method (e.g. "nothing flows from the student to a
+teacher") is done by ``detach`` inside the method, so one backward of the summed loss trains
+every group exactly as separate optimisers would (Adam is per-parameter).
+
+Labels: canonical ``0..3`` plus ``4`` = RC (resection cavity, BraTS 2024 post-treatment). The
+4-class softmax has no RC class, so RC is trained as background (label 0); the region output
+(WT, TC, ET) already excludes RC (:func:`mtcmkd.losses.region_targets`).
+
+Teacher / student performance statistics (:func:`dice_stats`) are per-patch whole-tumour (WT)
+and tumour-core (TC) Dice of the hard prediction. A patch whose truth and prediction are both
+empty for a region is skipped for that region (neither counted nor scored): per network and
+region the stats hold the sum of Dice over the counted patches and their count, and the epoch
+value is ``sum / count`` (1.0 when nothing was counted: every patch was empty and predicted
+empty, a perfect score under the BraTS empty-case rule).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mtcmkd.config import RunConfig
+from mtcmkd.losses import region_segmentation_loss, segmentation_loss
+from mtcmkd.models import build_network, count_parameters
+
+__all__ = [
+    "Method",
+    "MethodOutput",
+    "dice_stats",
+    "epoch_dice",
+    "hard_region_masks",
+    "seg_loss",
+    "take_channels",
+    "target_labels",
+]
+
+RC_LABEL = 4
+"""Canonical label of the resection cavity (no class of its own in the 4-class softmax)."""
+
+
+@dataclass
+class MethodOutput:
+    """What one training step of a method returns to the loop.
+
+    Attributes:
+        loss: float32 scalar to ``backward()``: the sum of every group's weighted terms.
+        terms: the weighted terms that make up ``loss`` (detached, float32 scalars), named
+            ``"<network>/<term>"``, e.g. ``"teacher_flair/seg"``, ``"cdsfl/seg"``,
+            ``"student/kd_flair"``; ``loss == sum(terms.values())``. The set of names may
+            change with the epoch (KD terms appear from ``kd_start_epoch``).
+        prediction: the student's full-resolution logits ``(B, n_out, *patch)`` (detached),
+            for training metrics; ``n_out`` is 4 (softmax) or 3 (regions WT, TC, ET).
+        stats: per-step sums (detached, float32 scalars) for the loop to sum over steps and
+            all-reduce (sum) over ranks before :meth:`Method.end_epoch`. The keys are the same
+            in every step, epoch and rank of a method, so the reduction never mismatches.
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    prediction: Tensor
+    stats: dict[str, Tensor]
+
+
+# ------------------------------------------------------------------------- shared helpers
+
+
+def target_labels(labels: Tensor, output: str) -> Tensor:
+    """Labels for the losses: RC (4) as background for the 4-class softmax, unchanged for the
+    region output (whose region masks ignore RC)."""
+    if output == "softmax":
+        return labels.masked_fill(labels == RC_LABEL, 0)
+    return labels
+
+
+def seg_loss(logits: Tensor, target: Tensor, output: str) -> Tensor:
+    """The segmentation loss of the output kind: MTCM-KD's (Dice + Jaccard + CE) / 3 over the 4
+    softmax classes, or (Dice + BCE) / 2 over the 3 nested regions."""
+    if output == "softmax":
+        return segmentation_loss(logits, target)
+    return region_segmentation_loss(logits, target)
+
+
+def hard_region_masks(logits: Tensor, output: str) -> tuple[Tensor, Tensor]:
+    """Hard WT and TC masks ``(B, *spatial)`` (bool) of a prediction.
+
+    Softmax: argmax class, WT = {1, 2, 3}, TC = {1, 3}. Regions: channel 0 (WT) and 1 (TC)
+    with logit > 0 (probability > 0.5).
+    """
+    if output == "softmax":
+        pred = logits.argmax(dim=1)
+        return pred != 0, (pred == 1) | (pred == 3)
+    return logits[:, 0] > 0, logits[:, 1] > 0
+
+
+def _true_region_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Truth WT = {1, 2, 3} and TC = {1, 3} from canonical labels (RC = 4 is in neither)."""
+    wt = (labels >= 1) & (labels <= 3)
+    tc = (labels == 1) | (labels == 3)
+    return wt, tc
+
+
+def _dice_sum_count(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of per-sample hard Dice over the samples where pred or truth is non-empty, and the
+    number of such samples (both float32 scalars; no host synchronisation)."""
+    dims = tuple(range(1, pred.ndim))
+    inter = (pred & truth).sum(dim=dims).float()
+    total = pred.sum(dim=dims).float() + truth.sum(dim=dims).float()
+    counted = total > 0
+    dice = torch.where(counted, 2.0 * inter / total.clamp_min(1.0), torch.zeros_like(total))
+    return dice.sum(), counted.float().sum()
+
+
+@torch.no_grad()
+def dice_stats(who: str, logits: Tensor, labels: Tensor, output: str) -> dict[str, Tensor]:
+    """Per-step WT and TC hard-Dice sums and counts of one network's prediction.
+
+    Keys: ``"<stem>_wt_dice_sum<suffix>"``, ``..._wt_dice_count...``, and the same for ``tc``,
+    where ``who = "teacher/flair"`` gives stem "teacher" and suffix "/flair" (so keys read
+    ``teacher_wt_dice_sum/flair``) and ``who = "student"`` gives ``student_wt_dice_sum``.
+    See the module docstring for the empty-patch rule.
+    """
+    stem, _, name = who.partition("/")
+    suffix = f"/{name}" if name else ""
+    pred_wt, pred_tc = hard_region_masks(logits.detach(), output)
+    true_wt, true_tc = _true_region_masks(labels)
+    stats: dict[str, Tensor] = {}
+    for region, pred, truth in (("wt", pred_wt, true_wt), ("tc", pred_tc, true_tc)):
+        total, count = _dice_sum_count(pred, truth)
+        stats[f"{stem}_{region}_dice_sum{suffix}"] = total
+        stats[f"{stem}_{region}_dice_count{suffix}"] = count
+    return stats
+
+
+def epoch_dice(stats: Mapping[str, Tensor], who: str, region: str) -> float:
+    """Epoch mean hard Dice from reduced :func:`dice_stats` sums: ``sum / count``, or 1.0 when
+    no patch was counted (all empty and predicted empty). Missing keys count as no patch."""
+    stem, _, name = who.partition("/")
+    suffix = f"/{name}" if name else ""
+    total = stats.get(f"{stem}_{region}_dice_sum{suffix}")
+    count = stats.get(f"{stem}_{region}_dice_count{suffix}")
+    if total is None or count is None or float(count) <= 0:
+        return 1.0
+    return float(total) / float(count)
+
+
+def take_channels(image: Tensor, index: tuple[int, ...]) -> Tensor:
+    """``image[:, index]``: a view when the channels are consecutive (the usual case), else a
+    gather."""
+    first = index[0]
+    if index == tuple(range(first, first + len(index))):
+        return image[:, first : first + len(index)]
+    return image.index_select(1, torch.tensor(index, device=image.device))
+
+
+# ------------------------------------------------------------------------------- interface
+
+
+class Method(nn.Module, abc.ABC):
+    """Base class: a method owns its networks and turns a batch into losses.
+
+    Args:
+        cfg: the validated run config (``cfg.method.name`` selects the subclass).
+        channels: the store's channel names in image-channel order (e.g.
+            ``["t1", "t1ce", "t2", "flair"]``); inputs are picked by name.
+
+    Raises:
+        ValueError: a modality the method needs is not among ``channels``.
+    """
+
+    name: ClassVar[str]
+    student: nn.Module  # every method has one; set by the subclass
+
+    def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
+        super().__init__()
+        if cfg.method.name != self.name:
+            raise ValueError(f"{type(self).__name__} needs method.name={self.name!r}, "
+                             f"got {cfg.method.name!r}")
+        self.cfg = cfg
+        self.channels: tuple[str, ...] = tuple(channels)
+        self.output: str = cfg.model.output
+        self.n_classes: int = cfg.model.n_classes
+        self._student_index = self._channel_index(cfg.method.student_modalities, "student")
+
+    # -- construction helpers
+
+    def _channel_index(self, modalities: Sequence[str], who: str) -> tuple[int, ...]:
+        missing = [m for m in modalities if m not in self.channels]
+        if missing:
+            raise ValueError(
+                f"the {who} needs modality {missing[0]!r} but the store's channels are "
+                f"{list(self.channels)}"
+            )
+        return tuple(self.channels.index(m) for m in modalities)
+
+    def _network(self, in_channels: int) -> nn.Module:
+        model = self.cfg.model
+        return build_network(model.kind, in_channels, model.n_classes, model.effective_widths)
+
+    # -- step helpers
+
+    def _unpack(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """(image, labels) after checking shapes against the store channels."""
+        image, labels = batch["image"], batch["label"]
+        if image.ndim != 5 or image.shape[1] != len(self.channels):
+            raise ValueError(
+                f"batch['image'] must be (B, {len(self.channels)}, D, H, W) for channels "
+                f"{list(self.channels)}, got {tuple(image.shape)}"
+            )
+        if tuple(labels.shape) != (image.shape[0], *image.shape[2:]):
+            raise ValueError(
+                f"batch['label'] must be (B, D, H, W) = {(image.shape[0], *image.shape[2:])}, "
+                f"got {tuple(labels.shape)}"
+            )
+        return image, labels
+
+    def _student_input(self, image: Tensor) -> Tensor:
+        return take_channels(image, self._student_index)
+
+    def _seg(self, logits: Tensor, target: Tensor) -> Tensor:
+        return seg_loss(logits, target, self.output)
+
+    # -- the interface
+
+    def forward(self, batch: Mapping[str, Any], epoch: int) -> MethodOutput:
+        """One training step's losses for ``batch`` (``image`` (B, C, D, H, W) float,
+        ``label`` (B, D, H, W) int64) at 0-based ``epoch``."""
+        terms, prediction, stats = self.compute_terms(batch, epoch)
+        loss = torch.stack(list(terms.values())).sum()
+        return MethodOutput(
+            loss=loss,
+            terms={k: v.detach() for k, v in terms.items()},
+            prediction=prediction.detach(),
+            stats=stats,
+        )
+
+    @abc.abstractmethod
+    def compute_terms(
+        self, batch: Mapping[str, Any], epoch: int
+    ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """(weighted terms, *not* detached; student logits; stats): what ``forward`` sums and
+        packs. Public so tests can back-propagate one group's terms alone."""
+
+    @abc.abstractmethod
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per optimiser group; every parameter in exactly one group. The group
+        "student" holds the student network (the only one ReduceLROnPlateau acts on)."""
+
+    def frozen_groups(self, epoch: int) -> frozenset[str]:
+        """Groups that get no gradient in ``epoch`` (an addition to the interface).
+
+        The loop should skip them in the optimiser step (e.g. learning rate 0): DeepSpeed
+        fills missing gradients with zeros, and Adam's momentum (or weight decay) would then
+        still move a frozen network.
+        """
+        del epoch
+        return frozenset()
+
+    def end_epoch(self, epoch_stats: Mapping[str, Tensor]) -> dict[str, float]:
+        """Update method state from the epoch's reduced stats; return values to log.
+
+        The base version logs the student's training WT/TC Dice and changes nothing.
+        """
+        return {
+            "student_wt_dice": epoch_dice(epoch_stats, "student", "wt"),
+            "student_tc_dice": epoch_dice(epoch_stats, "student", "tc"),
+        }
+
+    def student_network(self) -> nn.Module:
+        """The network used at inference and exported (``forward(x) -> logits``)."""
+        return self.student
+
+    def student_channels(self) -> tuple[str, ...]:
+        """Modalities of the student network's input channels, in order."""
+        return self.cfg.method.student_modalities
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable summary for ``mtcmkd inspect``: networks (parameters, modalities,
+        optimiser group), loss terms with weights and epochs, method settings."""
+
+    def _describe(
+        self,
+        networks: dict[str, tuple[nn.Module, Sequence[str], str]],
+        terms: list[tuple[str, float, str, str]],
+        settings: dict[str, Any],
+    ) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "output": self.output,
+            "n_classes": self.n_classes,
+            "networks": {
+                name: {"params": count_parameters(module), "modalities": list(mods),
+                       "group": group}
+                for name, (module, mods, group) in networks.items()
+            },
+            "loss_terms": [
+                {"term": t, "weight": float(w), "epochs": e, "note": n} for t, w, e, n in terms
+            ],
+            "settings": settings,
+        }

@@ -42,7 +42,7 @@ def main() -> None:
                str(tmp / "store"), "--out", str(tmp / "run"),
                "--set", f"model.widths={widths}", "--set", f"data.patch_size=[{p},{p},{p}]",
                "--set", "train.epochs=2", "--set", f"train.iters_per_epoch={args.steps // 2}",
-               "--set", "train.val_every=0", "--set", "train.ckpt_every=0",
+               "--set", "train.val_every=1000", "--set", "train.ckpt_every=1000",
                "--set", "train.log_every=1", "--set", f"data.num_workers={args.workers}",
                "--set", "method.kd_start_epoch=0"]
         r = subprocess.run(cmd, capture_output=True, text=True,

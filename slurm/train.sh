@@ -27,7 +27,9 @@ EXTRA_ARGS=${MTCMKD_ARGS:-}              # e.g. "--set train.epochs=50"
 
 # Rendezvous on the first node of the allocation; a port derived from the job id.
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
-MASTER_PORT=$((20000 + ${SLURM_JOB_ID} % 20000))
+# The restart count is part of the port: a requeued job must not race the sockets of its
+# previous incarnation, which may still be closing.
+MASTER_PORT=$((20000 + (${SLURM_JOB_ID} * 7 + ${SLURM_RESTART_COUNT:-0}) % 20000))
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 

@@ -168,3 +168,19 @@ def _free_port() -> int:
     from mtcmkd.engine.dist import free_port
 
     return free_port()
+
+
+def test_kdnet_stages_freeze_the_other_group_under_deepspeed(store, tmp_path):
+    # DeepSpeed zero-fills missing gradients and Adam would move a "frozen" group by momentum;
+    # the loop sets the frozen group's learning rate to 0 for the epoch instead.
+    out = tmp_path / "kdnet"
+    r = _run(_train_cmd(store, out, "--set", "method.name=kdnet", "--set",
+                        "method.kdnet_teacher_epochs=1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [x for x in records if x["kind"] == "train"]
+    stage1 = [x for x in train if x["epoch"] == 0]
+    stage2 = [x for x in train if x["epoch"] == 1]
+    assert stage1 and stage2
+    assert all(x["lr/student"] == 0.0 and x["lr/teachers"] > 0 for x in stage1)
+    assert all(x["lr/teachers"] == 0.0 and x["lr/student"] > 0 for x in stage2)

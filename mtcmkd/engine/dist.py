@@ -68,7 +68,8 @@ def export_launcher_env() -> str:
         env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST",
                                                                env.get("SLURM_NODELIST", ""))))
         # A port derived from the job id: the same on every task, rarely in use.
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        job, restart = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_RESTART_COUNT", "0"))
+        env.setdefault("MASTER_PORT", str(20000 + (job * 7 + restart) % 20000))
         return "slurm"
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
     env.setdefault("MASTER_ADDR", "127.0.0.1")

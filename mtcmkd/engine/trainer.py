@@ -254,6 +254,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
 
     while state.epoch < t.epochs:
         dataset.set_epoch(state.epoch)
+        _apply_frozen_groups(method, optimizer, state.epoch)
         engine.train()
         tic = time.perf_counter()
         for batch in _batches(dataset, state.micro_in_epoch * t.batch_size, t.batch_size,
@@ -361,6 +362,25 @@ def _finish(summary: dict, state: LoopState, out: Path, dist: DistInfo) -> dict:
                     "world_size": dist.world_size})
     torch.distributed.barrier()
     return summary
+
+
+def _apply_frozen_groups(method: Any, optimizer: Any, epoch: int) -> None:
+    """Learning rate 0 for the groups a method freezes this epoch (KD-Net's stages).
+
+    DeepSpeed fills missing gradients of trainable parameters with zeros and Adam then still
+    moves a parameter by its momentum (and weight decay); lr 0 makes "frozen" exact. The
+    previous rate is kept in the param group (so it is checkpointed) and restored on thaw.
+    """
+    frozen_fn = getattr(method, "frozen_groups", None)
+    frozen = frozen_fn(epoch) if callable(frozen_fn) else frozenset()
+    for group in optimizer.param_groups:
+        name = group.get("name")
+        if name in frozen:
+            if "lr_before_freeze" not in group:
+                group["lr_before_freeze"] = group["lr"]
+            group["lr"] = 0.0
+        elif "lr_before_freeze" in group:
+            group["lr"] = group.pop("lr_before_freeze")
 
 
 def _ranks_in_sync(method: Any) -> bool:

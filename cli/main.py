@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import evaluate as _evaluate
+from . import export_cmd as _export
 from . import inspect_cmd as _inspect
 from . import predict as _predict
 from . import preprocess as _preprocess
@@ -28,6 +29,7 @@ app.command("inspect")(_inspect.inspect_config)
 app.command("predict")(_predict.predict)
 app.command("evaluate")(_evaluate.evaluate)
 app.command("report")(_report.report)
+app.add_typer(_export.export_app, name="export")
 
 
 @app.callback()

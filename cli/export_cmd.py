@@ -1,0 +1,166 @@
+"""`mtcmkd export`: a trained student as TorchScript (Python/C++), ONNX or .pt2.
+
+Thin layer over :mod:`mtcmkd.export`: parse, one library call, a summary table. Refusals
+(missing file, run folder without student, not a student file, weights that do not fit, bad
+options) are one ``error:`` line and exit code 2; a failed ``--verify``/parity check is exit
+code 1 and removes the file it checked, so a mismatching artefact is never left behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .console import console, fail
+
+export_app = typer.Typer(
+    name="export",
+    help="Export a trained student: TorchScript (whole inference, Python and C++), ONNX or "
+         ".pt2 (network at patch level).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_SOURCE_HELP = "Run folder (best_student.pt, else student.pt) or a student weights file."
+
+
+def _summary(title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def _dice(meta: dict[str, Any]) -> str:
+    dice = meta.get("val_dice") or {}
+    return ", ".join(f"{k} {float(v):.3f}" for k, v in dice.items()) or "-"
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.1f} MB"
+
+
+@export_app.command("torchscript")
+def export_torchscript_cmd(
+    source: Annotated[Path, typer.Argument(help=_SOURCE_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="TorchScript file to write (.pt).")],
+    labels: Annotated[str, typer.Option(
+        help="Label values of the output: 2021 (ET=4, also 2018-2020), 2023 (ET=3) or msd.")
+    ] = "2021",
+    overlap: Annotated[float, typer.Option(
+        help="Sliding-window overlap in [0, 1), fixed into the file.")] = 0.5,
+    mirror: Annotated[bool, typer.Option(
+        "--mirror", help="Mirror test-time augmentation (8 passes per window).")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Reload the file and compare with eager inference on two volume "
+                         "sizes (probabilities within 1e-4, identical labels).")] = False,
+) -> None:
+    """The whole inference (crop, z-score, sliding window, labels) as one TorchScript file."""
+    from mtcmkd.export.source import ExportError
+    from mtcmkd.export.torchscript import export_torchscript, verify_export
+
+    try:
+        with console.status(f"scripting {source}"):
+            result = export_torchscript(source, out, labels=labels, overlap=overlap,
+                                        mirror=mirror)
+    except ExportError as exc:
+        fail(str(exc))
+    meta = result.metadata
+    _summary("TorchScript export", [
+        ("file", f"{result.path} ({_size(result.path)})"),
+        ("input", f"{', '.join(meta['modalities'])}: float32 (1, {len(meta['modalities'])}, "
+                  "D, H, W), raw"),
+        ("labels", f"{meta['label_convention']}: "
+                   + ", ".join(f"{v} {k}" for k, v in meta["label_values"].items())),
+        ("window", f"patch {'x'.join(map(str, meta['patch_size']))}, overlap {meta['overlap']}"
+                   + (", mirror TTA" if meta["mirror"] else "")),
+        ("student", f"{meta['method'] or '?'} / {meta['config_name'] or '?'}, config "
+                    f"{meta['config_hash']}, mtcmkd {meta['mtcmkd_version']}"),
+        ("val Dice", _dice(meta)),
+    ])
+    if not verify:
+        return
+
+    with console.status("verifying") as status:
+        cases = verify_export(result.path, result.bundle,
+                              progress=lambda msg: status.update(f"verifying {msg}"))
+    table = Table(title="verification: reloaded file vs eager predict_volume")
+    for column in ("volume", "max |dp|", "labels", "exported s", "eager s"):
+        table.add_column(column, justify="right")
+    for case in cases:
+        table.add_row("x".join(map(str, case.shape)), f"{case.max_probability_difference:.2e}",
+                      "identical" if case.labels_equal else f"{case.n_label_differences} differ",
+                      f"{case.seconds_exported:.2f}", f"{case.seconds_eager:.2f}")
+    console.print(table)
+    bad = [c for c in cases if not c.ok]
+    if bad:
+        result.path.unlink(missing_ok=True)
+        case = bad[0]
+        fail(f"{result.path}: verification failed at volume {case.shape}: max probability "
+             f"difference {case.max_probability_difference:.3g} (tolerance "
+             f"{case.tolerance:g}), {case.n_label_differences} label(s) differ; file removed",
+             code=1)
+    console.print("verified: identical labels, probabilities within 1e-4")
+
+
+def _patch_rows(result: Any) -> list[tuple[str, Any]]:
+    meta = result.metadata
+    rows: list[tuple[str, Any]] = [
+        ("file", f"{result.path} ({_size(result.path)})"),
+        ("input", f"{', '.join(meta['modalities'])} z-scored: float32 (B, "
+                  f"{len(meta['modalities'])}, D, H, W), D/H/W multiples of {meta['stride']}"),
+        ("output", f"logits (B, {meta['n_out']}, D, H, W), {meta['network_output']}"),
+        ("tiling", f"patch {'x'.join(map(str, meta['patch_size']))}, Gaussian sigma "
+                   f"{meta['sigma_scale']} x patch (see export/README.md)"),
+        ("val Dice", _dice(meta)),
+    ]
+    for shape, diff in result.parity.items():
+        rows.append((f"parity {'x'.join(map(str, shape))}", f"max |d logit| {diff:.2e}"))
+    return rows
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    source: Annotated[Path, typer.Argument(help=_SOURCE_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write (.onnx).")],
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help="Compare with eager in ONNX Runtime (needs onnxruntime).")
+    ] = True,
+) -> None:
+    """The student network at patch level as ONNX (dynamic batch and spatial sizes)."""
+    from mtcmkd.export.onnx_export import export_onnx
+    from mtcmkd.export.source import ExportError, VerificationError
+
+    try:
+        with console.status(f"exporting {source} to ONNX"):
+            result = export_onnx(source, out, check=check)
+    except VerificationError as exc:
+        fail(str(exc), code=1)
+    except ExportError as exc:
+        fail(str(exc))
+    _summary("ONNX export", _patch_rows(result))
+
+
+@export_app.command("pt2")
+def export_pt2_cmd(
+    source: Annotated[Path, typer.Argument(help=_SOURCE_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="torch.export archive (.pt2).")],
+) -> None:
+    """The student network at patch level as a torch.export program (torch.export.load)."""
+    from mtcmkd.export.patch_network import export_pt2
+    from mtcmkd.export.source import ExportError, VerificationError
+
+    try:
+        with console.status(f"exporting {source} with torch.export"):
+            result = export_pt2(source, out)
+    except VerificationError as exc:
+        fail(str(exc), code=1)
+    except ExportError as exc:
+        fail(str(exc))
+    _summary("torch.export (.pt2) export", _patch_rows(result))

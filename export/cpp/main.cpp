@@ -1,0 +1,179 @@
+// mtcmkd_segment: segment one NIfTI volume with an exported mtcmkd student, without Python.
+//
+//   mtcmkd_segment MODULE.pt INPUT.nii[.gz] OUTPUT.nii[.gz] [--threads N] [--quiet]
+//
+// MODULE.pt is written by `mtcmkd export torchscript`; it carries the whole inference (brain
+// crop, z-score, sliding window, label values), so this program only moves voxels between
+// NIfTI files and the module: read the student's modality (e.g. T1ce) as float32 with
+// scl_slope/scl_inter applied, call forward() on (1, 1, X, Y, Z) in the file's voxel order,
+// write the uint8 label map with the input's header. Exit codes: 0 done, 1 the module failed
+// on this input, 2 bad arguments or unreadable files.
+#include <ATen/Parallel.h>
+#include <torch/script.h>
+
+#include <chrono>
+#include <ctime>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "nifti.hpp"
+
+namespace {
+
+constexpr const char* kMetadataFile = "mtcmkd.json";
+
+int usage(const char* message) {
+  std::cerr << "error: " << message << "\n"
+            << "usage: mtcmkd_segment MODULE.pt INPUT.nii[.gz] OUTPUT.nii[.gz] "
+               "[--threads N] [--quiet]\n";
+  return 2;
+}
+
+// TorchScript errors carry an interpreter traceback; users need the raised message only
+// (e.g. "ValueError: the image is all zero: no brain voxels to segment").
+std::string short_error(const std::string& what) {
+  const std::string marker = "Error: ";
+  std::size_t best = std::string::npos;
+  for (std::size_t pos = what.find(marker); pos != std::string::npos;
+       pos = what.find(marker, pos + 1)) {
+    best = pos;
+  }
+  std::size_t start = 0;
+  if (best != std::string::npos) {
+    start = what.rfind('\n', best);
+    start = start == std::string::npos ? 0 : start + 1;
+  }
+  const std::size_t end = what.find('\n', start);
+  std::string line = what.substr(start, end == std::string::npos ? std::string::npos : end - start);
+  const std::size_t first = line.find_first_not_of(" \t");
+  return first == std::string::npos ? what : line.substr(first);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> positional;
+  int threads = 0;
+  bool quiet = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--threads") {
+      if (i + 1 >= argc) return usage("--threads needs a value");
+      threads = std::atoi(argv[++i]);
+      if (threads < 1) return usage("--threads must be >= 1");
+    } else if (arg == "--quiet") {
+      quiet = true;
+    } else if (arg == "-h" || arg == "--help") {
+      usage("segment one volume");
+      return 0;
+    } else if (!arg.empty() && arg[0] == '-') {
+      return usage(("unknown option " + arg).c_str());
+    } else {
+      positional.push_back(arg);
+    }
+  }
+  if (positional.size() != 3) return usage("expected MODULE INPUT OUTPUT");
+  const std::string& module_path = positional[0];
+  const std::string& input_path = positional[1];
+  const std::string& output_path = positional[2];
+  if (!ends_with(output_path, ".nii") && !ends_with(output_path, ".nii.gz")) {
+    return usage("OUTPUT must end in .nii or .nii.gz");
+  }
+  if (threads > 0) at::set_num_threads(threads);
+
+  torch::jit::Module module;
+  torch::jit::ExtraFilesMap extra{{kMetadataFile, ""}};
+  std::string convention = "?";
+  std::int64_t n_channels = 1;
+  try {
+    module = torch::jit::load(module_path, torch::kCPU, extra);
+    module.eval();
+    if (extra[kMetadataFile].empty()) {
+      std::cerr << "error: " << module_path
+                << ": no mtcmkd metadata; export it with `mtcmkd export torchscript`\n";
+      return 2;
+    }
+    convention = module.attr("label_convention").toStringRef();
+    n_channels = module.attr("n_channels").toInt();
+  } catch (const c10::Error& e) {
+    std::cerr << "error: " << module_path << ": cannot load the module ("
+              << short_error(e.what_without_backtrace()) << ")\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << module_path << ": cannot load the module (" << short_error(e.what())
+              << ")\n";
+    return 2;
+  }
+  if (n_channels != 1) {
+    std::cerr << "error: " << module_path << ": the module takes " << n_channels
+              << " modalities; this client reads one volume\n";
+    return 2;
+  }
+
+  nifti::Volume volume;
+  try {
+    volume = nifti::read(input_path);
+  } catch (const nifti::NiftiError& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  }
+
+  const auto start = std::chrono::steady_clock::now();
+  const std::clock_t cpu_start = std::clock();  // process CPU time, all threads (Linux)
+  std::vector<std::uint8_t> labels;
+  try {
+    c10::InferenceMode guard;
+    // The file stores x fastest: as a C-order tensor that is (Z, Y, X); permuting gives the
+    // (X, Y, Z) array nibabel returns, which is what the module was verified on.
+    torch::Tensor zyx = torch::from_blob(volume.voxels.data(), {volume.nz, volume.ny, volume.nx},
+                                         torch::kFloat32);
+    torch::Tensor x = zyx.permute({2, 1, 0}).contiguous().view(
+        {1, 1, volume.nx, volume.ny, volume.nz});
+    torch::Tensor out = module.forward({x}).toTensor();
+    if (out.scalar_type() != torch::kUInt8 || out.dim() != 4 || out.size(1) != volume.nx ||
+        out.size(2) != volume.ny || out.size(3) != volume.nz) {
+      std::cerr << "error: " << module_path << ": unexpected output " << out.sizes() << "\n";
+      return 1;
+    }
+    torch::Tensor file_order = out[0].permute({2, 1, 0}).contiguous();
+    const std::uint8_t* data = file_order.data_ptr<std::uint8_t>();
+    labels.assign(data, data + file_order.numel());
+  } catch (const c10::Error& e) {
+    std::cerr << "error: " << input_path << ": " << short_error(e.what_without_backtrace())
+              << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    // A `raise` inside the scripted module arrives as torch::jit::JITException.
+    std::cerr << "error: " << input_path << ": " << short_error(e.what()) << "\n";
+    return 1;
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double cpu_seconds = static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
+
+  try {
+    nifti::write_labels(output_path, volume, labels);
+  } catch (const nifti::NiftiError& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  }
+  if (!quiet) {
+    std::size_t counts[256] = {0};
+    for (std::uint8_t v : labels) ++counts[v];
+    std::cout << "wrote " << output_path << " (" << volume.nx << "x" << volume.ny << "x"
+              << volume.nz << ", labels " << convention << ", " << seconds << " s, cpu "
+              << cpu_seconds << " s)";
+    for (int v = 0; v < 256; ++v) {
+      if (counts[v]) std::cout << " " << v << ":" << counts[v];
+    }
+    std::cout << "\n";
+  }
+  return 0;
+}

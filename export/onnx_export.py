@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtcmkd.atomic import atomic_output
+
 from .patch_network import (
     PatchExport,
     export_patch_program,
@@ -107,14 +109,9 @@ def export_onnx(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.onnx")
-    try:
+    with atomic_output(out, suffix=".onnx") as tmp:
         # One file with the weights inside (38 MB for the paper's student, far below 2 GB).
         onnx_program.save(str(tmp), external_data=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     parity: dict[tuple[int, ...], float] = {}
     if check:
         parity = onnx_parity(out, bundle.network, parity_shapes(bundle, stride))

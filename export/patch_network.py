@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mtcmkd import __version__
+from mtcmkd.atomic import atomic_output
 from mtcmkd.student_weights import StudentBundle
 
 from .source import ExportError, VerificationError, frozen_network, load_export_source
@@ -141,13 +142,8 @@ def export_pt2(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
     metadata = patch_metadata(bundle, network_stride(bundle.network), "mtcmkd-pt2")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.pt2")
-    try:
+    with atomic_output(out, suffix=".pt2") as tmp:
         torch.export.save(program, str(tmp), extra_files={PT2_METADATA_FILE: json.dumps(metadata)})
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     parity: dict[tuple[int, ...], float] = {}
     if check:
         module, _ = load_pt2(out)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mtcmkd import __version__
+from mtcmkd.atomic import atomic_output
 from mtcmkd.brats import CANONICAL_LABELS, REGIONS, release
 from mtcmkd.inference import (
     BrainZScore,
@@ -301,14 +302,8 @@ def export_torchscript(source: str | os.PathLike[str], out: str | os.PathLike[st
                           f"({first})") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with _quiet_jit():
-            torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(out) as tmp, _quiet_jit():
+        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
     return ExportResult(path=out, metadata=metadata, bundle=bundle)
 
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
+from mtcmkd.atomic import atomic_write_text
 from mtcmkd.brats import CHANNELS
 
 __all__ = [
@@ -666,6 +667,4 @@ def dump_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
         text = f"# mtcmkd run config, hash {config_hash(cfg)}\n" + yaml.safe_dump(
             data, sort_keys=False, default_flow_style=None
         )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

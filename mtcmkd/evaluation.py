@@ -31,7 +31,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mtcmkd.atomic import atomic_write_text
 from mtcmkd.brats import REGIONS, Release, release, release_of_case_id
 
 if TYPE_CHECKING:
@@ -670,15 +670,6 @@ def score_predictions(cases: Iterable[ScoringCase], settings: EvaluationSettings
     return Evaluation(settings, records, dict(source or {}))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def write_metrics(evaluation: Evaluation, out_dir: Path) -> tuple[Path, Path]:
     """Write ``out_dir/metrics.json`` and ``out_dir/metrics.csv`` (each atomically).
@@ -689,13 +680,13 @@ def write_metrics(evaluation: Evaluation, out_dir: Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "metrics.json", out_dir / "metrics.csv"
-    _atomic_write_text(json_path, json.dumps(evaluation.to_json(), indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(evaluation.to_json(), indent=2) + "\n")
     header, rows = evaluation.csv_rows()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    _atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, buffer.getvalue())
     return json_path, csv_path
 
 

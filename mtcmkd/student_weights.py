@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from mtcmkd import __version__
+from mtcmkd.atomic import atomic_output
 
 FORMAT = "mtcmkd-student"
 FORMAT_VERSION = 1
@@ -56,10 +56,8 @@ def save_student(path: Path, network: nn.Module, *, config: dict, config_hash: s
         "epoch": int(epoch),
         "mtcmkd_version": __version__,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def resolve_student_path(path: Path) -> Path:

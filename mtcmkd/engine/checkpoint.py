@@ -14,7 +14,6 @@ objects to unpickle (a tampered or foreign file) is refused with a clear message
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -22,18 +21,14 @@ from typing import Any
 
 import torch
 
+from mtcmkd.atomic import atomic_write_text
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, tampered with or from another configuration."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:

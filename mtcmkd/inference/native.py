@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from mtcmkd.atomic import atomic_output
 from mtcmkd.brats import release
 
 __all__ = ["to_release_labels", "uncrop", "write_label_nifti"]
@@ -129,11 +129,6 @@ def write_label_nifti(
     image.header.set_slope_inter(1.0, 0.0)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name[: -len(ext)]}.{uuid.uuid4().hex}.tmp{ext}")
-    try:
+    with atomic_output(out, suffix=ext) as tmp:
         nib.save(image, os.fspath(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out

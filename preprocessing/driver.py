@@ -16,12 +16,11 @@ import numpy as np
 import zarr
 
 from mtcmkd.brats import CANONICAL_LABELS, CHANNELS, REGIONS
+from mtcmkd.data.store import STORE_FORMAT, STORE_FORMAT_VERSION
 
 from .convert import CaseResult, ConvertOptions, convert_case
 from .discover import CaseSource, DatasetError, discover_cases, is_valid_case_id
 
-STORE_FORMAT = "mtcmkd-brats-zarr"
-STORE_FORMAT_VERSION = 1
 REPORT_NAME = "preprocess_report.json"
 
 

@@ -6,7 +6,8 @@ the patch sampler (`PatchDataset`) and the augmentation.
 
 from __future__ import annotations
 
-from mtcmkd.data.patches import PatchDataset, augment_patch, patch_bounds
+from typing import Any
+
 from mtcmkd.data.store import (
     STORE_FORMAT,
     STORE_FORMAT_VERSION,
@@ -27,3 +28,15 @@ __all__ = [
     "patch_bounds",
     "split_cases",
 ]
+
+_PATCH_NAMES = ("PatchDataset", "augment_patch", "patch_bounds")
+
+
+def __getattr__(name: str) -> Any:
+    # The patch sampler needs torch; the store format does not. Loading it lazily lets the
+    # preprocessing share the format constants of `store` without importing torch.
+    if name in _PATCH_NAMES:
+        from mtcmkd.data import patches
+
+        return getattr(patches, name)
+    raise AttributeError(f"module 'mtcmkd.data' has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import demo as _demo
 from . import evaluate as _evaluate
 from . import export_cmd as _export
 from . import inspect_cmd as _inspect
@@ -30,6 +31,7 @@ app.command("predict")(_predict.predict)
 app.command("evaluate")(_evaluate.evaluate)
 app.command("report")(_report.report)
 app.add_typer(_export.export_app, name="export")
+app.command("demo")(_demo.demo)
 
 
 @app.callback()

@@ -393,6 +393,9 @@ class MethodConfig(_Section):
         n_student = len(self.student_modalities)
         if self.name == "barlow":
             self._require(1 <= n_student <= 2, "student_modalities", "barlow needs 1 or 2")
+        elif self.name == "baseline":
+            # A plain supervised network on any inputs: also the full-modality reference.
+            self._require(n_student >= 1, "student_modalities", "baseline needs at least 1")
         else:
             self._require(n_student == 1, "student_modalities", f"{self.name} needs exactly 1")
         if self.teacher_modalities is not None:

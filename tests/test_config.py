@@ -202,6 +202,7 @@ def test_the_error_message_format_of_the_issue() -> None:
         ({"method": {"name": "mtcmkd", "student_modalities": ["t1ce", "t1"]}},
          "method.student_modalities: mtcmkd needs exactly 1"),
         ({"method": {"name": "kdnet", "student_modalities": []}}, "kdnet needs exactly 1"),
+        ({"method": {"name": "baseline", "student_modalities": []}}, "baseline needs at least 1"),
         ({"method": {"name": "baseline", "student_modalities": ["t1gd"]}},
          "method.student_modalities: unknown modality 't1gd'; valid: t1, t1ce, t2, flair"),
         ({"method": {"name": "barlow", "student_modalities": ["t1ce", "t1ce"]}},
@@ -374,3 +375,10 @@ def test_inspect_missing_file_exits_2(tmp_path: Path) -> None:
         _inspect_app(), ["inspect", "--config", str(tmp_path / "nope.yaml")]
     )
     assert result.exit_code == 2 and "no such config file" in result.stderr
+
+
+def test_baseline_takes_any_modalities_as_full_modality_reference(tmp_path):
+    path = tmp_path / "all.yaml"
+    path.write_text("method:\n  name: baseline\n  student_modalities: [t1, t1ce, t2, flair]\n")
+    cfg = load_config(path)
+    assert cfg.method.student_modalities == ("t1", "t1ce", "t2", "flair")

@@ -834,6 +834,13 @@ def _truth_index(gt_dir: Path, info: Release) -> dict[str, Path]:
                 raise InputError(path, f"second ground truth for case {case_id} (also "
                                        f"{index[case_id]})")
             index[case_id] = path
+        folder = Path(dirpath)
+        if folder.name not in index and re.fullmatch(info.case_pattern, folder.name):
+            # As preprocessing does: some 2020 copies name case 355's seg differently (e.g.
+            # W39_1998.09.19_Segm.nii); accept exactly one NIfTI whose name says "seg".
+            odd = [n for n in filenames if _is_nifti(n) and "seg" in n.lower()]
+            if len(odd) == 1:
+                index[folder.name] = folder / odd[0]
     return index
 
 

@@ -467,3 +467,24 @@ def test_predict_a_real_case_keeps_its_header(tmp_path):
     data = assert_same_space(out / f"{case_id}.nii.gz", source)
     assert data.shape == (240, 240, 155)
     assert set(np.unique(data).tolist()) <= {0, 1, 2, 4}
+
+
+def test_evaluate_pred_finds_the_odd_2020_seg_name(tmp_path):
+    """Some 2020 copies name case 355's seg W39_1998.09.19_Segm.nii: scored like the others."""
+    raw = tmp_path / "raw"
+    ids = write_raw(raw, "2020", n=2)
+    odd = raw / ids[1] / f"{ids[1]}_seg.nii.gz"
+    odd.rename(odd.with_name("W39_1998.09.19_Segm.nii.gz"))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for cid in ids:
+        seg = raw / cid / f"{cid}_seg.nii.gz"
+        if not seg.exists():
+            seg = raw / cid / "W39_1998.09.19_Segm.nii.gz"
+        nib.save(nib.load(str(seg)), str(pred / f"{cid}.nii.gz"))
+    out = tmp_path / "eval"
+    result = invoke("evaluate", "--year", "2020", "--pred", pred, "--gt", raw, "--out", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [c["case"] for c in metrics["cases"]] == ids
+    assert metrics["mean"]["dice"] == {"WT": 1.0, "TC": 1.0, "ET": 1.0}

@@ -9,8 +9,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .console import console, err_console, fail
+from .console import console, err_console, failer
 from .predict import resolve_device
+
+fail = failer("evaluate")
 
 if TYPE_CHECKING:
     from mtcmkd.evaluation import Evaluation, ScoringCase

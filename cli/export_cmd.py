@@ -14,7 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .console import console, fail
+from .console import console, failer
+
+fail = failer("export")
 
 export_app = typer.Typer(
     name="export",

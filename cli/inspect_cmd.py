@@ -12,7 +12,9 @@ from rich.table import Table
 from mtcmkd.brats import CHANNELS
 from mtcmkd.config import ConfigError, config_hash, load_config
 
-from .console import console, fail
+from .console import console, failer
+
+fail = failer("inspect")
 
 
 def inspect_config(

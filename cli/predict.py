@@ -9,7 +9,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .console import console, err_console, fail
+from .console import console, err_console, failer
+
+fail = failer("predict")
 
 if TYPE_CHECKING:
     from mtcmkd.evaluation import CasePrediction, PredictionInput

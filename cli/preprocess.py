@@ -10,7 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .console import console, err_console, fail
+from .console import console, err_console, failer
+
+fail = failer("preprocess")
 
 
 def preprocess(

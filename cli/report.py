@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .console import console, fail
+from .console import console, failer
+
+fail = failer("report")
 
 
 def report(

@@ -11,7 +11,9 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from .console import console, fail
+from .console import console, failer
+
+fail = failer("store-info")
 
 
 def store_summary(path: Path) -> dict:

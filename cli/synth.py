@@ -12,7 +12,9 @@ from rich.table import Table
 
 from mtcmkd.brats import RELEASES
 
-from .console import console, fail
+from .console import console, failer
+
+fail = failer("synth")
 
 
 def synth(

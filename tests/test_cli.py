@@ -85,3 +85,47 @@ def test_synth_then_preprocess_small_phantom(tmp_path):
     assert again.exit_code == 2 and "not an empty folder" in again.stderr
     result = runner.invoke(app, ["preprocess", str(raw), str(tmp_path / "store"), "--folds", "2"])
     assert result.exit_code == 0, result.output
+
+
+def _leaf_commands(command, path=()):
+    subs = getattr(command, "commands", None)
+    if subs:
+        for name, sub in subs.items():
+            yield from _leaf_commands(sub, (*path, name))
+    else:
+        yield path, command
+
+
+def test_every_command_and_option_has_help():
+    import typer.main
+
+    leaves = list(_leaf_commands(typer.main.get_command(app)))
+    assert len(leaves) >= 12
+    for path, command in leaves:
+        assert command.help and len(command.help) > 40, path
+        for param in command.params:
+            if not getattr(param, "hidden", False):
+                assert getattr(param, "help", None), (path, param.name)
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (path, result.output)
+        for param in command.params:
+            if param.param_type_name == "option" and not getattr(param, "hidden", False):
+                assert param.opts[0] in result.output, (path, param.opts[0])
+
+
+def test_errors_point_to_their_troubleshooting_section(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "TROUBLESHOOTING.md").read_text()
+    sections = {line[3:].strip() for line in doc.splitlines() if line.startswith("## ")}
+    import typer.main
+
+    top = {path[0] for path, _ in _leaf_commands(typer.main.get_command(app))}
+    assert top <= sections, top - sections
+    result = runner.invoke(app, ["synth", str(tmp_path / "o"), "--layout", "2016"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: --layout '2016': expected one of 2018, 2019, 2020, "
+                                     "2021, 2023, msd (see docs/TROUBLESHOOTING.md#synth)")
+    result = runner.invoke(app, ["store-info", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith("(see docs/TROUBLESHOOTING.md#store-info)")

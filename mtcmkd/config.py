@@ -292,7 +292,8 @@ class ModelConfig(_Section):
         widths = self.widths
         self._require(all(w >= 1 for w in widths), "widths", "every width must be >= 1")
         if self.kind == "resunet":
-            self._require(len(widths) >= 3, "widths", "resunet needs at least 3 levels")
+            # Deep supervision reads the decoder at 1/2 and 1/4 resolution: three decoder levels.
+            self._require(len(widths) >= 4, "widths", "resunet needs at least 4 levels")
             # GroupNorm uses 6 groups when 6 divides C, else 4: every block input must divide by
             # one of them, including the decoder's concatenations w[i] + w[i-1].
             sizes = list(widths) + [widths[i] + widths[i - 1] for i in range(1, len(widths))]
@@ -304,7 +305,8 @@ class ModelConfig(_Section):
                 f"to divide by 6 or 4 ({', '.join(map(str, bad))} do not); use multiples of 4",
             )
         else:
-            self._require(len(widths) >= 2, "widths", "kdnet needs at least 2 levels")
+            # forward_features reads the decoder at 1/2 resolution: two decoder levels.
+            self._require(len(widths) >= 3, "widths", "kdnet needs at least 3 levels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -427,6 +429,10 @@ class MethodConfig(_Section):
         self._require(0.0 <= self.kdnet_lambda <= 1.0, "kdnet_lambda", "must be in [0, 1]")
         self._require(self.kd_start_epoch >= 0, "kd_start_epoch", "must be >= 0")
         self._require(self.kdnet_teacher_epochs >= 0, "kdnet_teacher_epochs", "must be >= 0")
+        if self.name == "kdnet":
+            # Stage 2 distils from the stage-1 teacher: with no stage 1 it would be untrained.
+            self._require(self.kdnet_teacher_epochs >= 1, "kdnet_teacher_epochs",
+                          "kdnet needs >= 1 (stage 1 trains the teacher)")
         if self.barlow_pool is not None:
             self._require(self.barlow_pool >= 1, "barlow_pool", "must be >= 1 or null")
 
@@ -468,7 +474,10 @@ class TrainConfig(_Section):
     log_every: int = 10
     """Log the loss terms every this many optimiser steps."""
     plateau_patience: int = 5
-    """ReduceLROnPlateau patience (epochs) on the student's validation loss."""
+    """ReduceLROnPlateau patience (epochs) on the student's validation mean Dice (as 1 - Dice).
+
+    The published code watches the validation loss; we watch the BraTS Dice the run is selected
+    on, which every method computes the same way (docs/METHODS.md)."""
     plateau_factor: float = 0.1
     """ReduceLROnPlateau factor applied to the student's learning rate."""
     plateau_start_epoch: int = 4

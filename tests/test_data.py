@@ -24,10 +24,12 @@ from mtcmkd.data import (
     StoreFormatError,
     StoreInfo,
     augment_patch,
+    finish_batch,
     open_store,
     patch_bounds,
     split_cases,
 )
+from mtcmkd.data.patches import scale_shift_brain_batch
 
 CHANNELS = ["t1", "t1ce", "t2", "flair"]
 REGIONS = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
@@ -478,3 +480,31 @@ def test_bad_arguments(store: Path) -> None:
         PatchDataset(store, ids, patch_size=(16, 16))
     with pytest.raises(StoreFormatError, match="not labelled cases"):
         PatchDataset(store, [*ids, "case_999"])
+
+
+@pytest.mark.parametrize("augment", [True, False])
+@pytest.mark.parametrize("shape", [(20, 24, 18), (12, 20, 10)])  # crop and pad paths
+def test_deferred_items_finish_to_the_float32_items(tmp_path: Path, augment: bool,
+                                                    shape: tuple[int, int, int]) -> None:
+    """float16/uint8 items + finish_batch equal the host-side float32/int64 items exactly."""
+    path = make_store(tmp_path / "store", 3, shape, seed=7)
+    kw = dict(patch_size=PATCH, samples_per_epoch=8, seed=11, augment=augment)
+    host = PatchDataset(path, ids_of(path), **kw)
+    deferred = PatchDataset(path, ids_of(path), defer_to_device=True, **kw)
+    item = deferred[0]
+    assert item["image"].dtype == torch.float16 and item["label"].dtype == torch.uint8
+    assert ("intensity" in item) == augment
+    a = next(iter(DataLoader(host, batch_size=4)))
+    b = next(iter(DataLoader(deferred, batch_size=4, num_workers=1)))
+    image_a, label_a = finish_batch(a, "cpu")
+    image_b, label_b = finish_batch(b, "cpu")
+    assert image_b.dtype == torch.float32 and label_b.dtype == torch.int64
+    assert torch.equal(image_a, image_b) and torch.equal(label_a, label_b)
+    if augment:  # the intensity change really happened, and only on brain voxels
+        assert not torch.equal(image_b, b["image"].float())
+        assert torch.equal(image_b == 0, b["image"] == 0)
+    # the accelerator path (torch ops), run here on CPU tensors, gives the same numbers
+    torch_path = scale_shift_brain_batch(b["image"].float(), b["intensity"]) if augment else None
+    assert torch_path is None or torch.equal(torch_path, image_b)
+    bf16, _ = finish_batch(b, "cpu", torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, image_b.bfloat16())

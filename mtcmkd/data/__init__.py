@@ -24,12 +24,13 @@ __all__ = [
     "StoreFormatError",
     "StoreInfo",
     "augment_patch",
+    "finish_batch",
     "open_store",
     "patch_bounds",
     "split_cases",
 ]
 
-_PATCH_NAMES = ("PatchDataset", "augment_patch", "patch_bounds")
+_PATCH_NAMES = ("PatchDataset", "augment_patch", "finish_batch", "patch_bounds")
 
 
 def __getattr__(name: str) -> Any:

@@ -144,6 +144,12 @@ class PatchDataset(Dataset[dict[str, Any]]):
         "label": int64 tensor `(pd, ph, pw)`, canonical labels (docs/STORE.md).
         "case_id": str.
 
+    With `defer_to_device=True` the loader does only what must happen on the host (read, pad,
+    flip) and leaves the casts and the intensity augmentation to :func:`finish_batch`, which
+    runs them after the transfer, on the accelerator: "image" is then float16 (as stored),
+    "label" uint8, and an augmented item carries "intensity", float32 `(2, C)` (scales, shifts).
+    `finish_batch` of such a batch equals the float32 item exactly (same operations, same order).
+
     The store is opened lazily in the process that reads (first `__getitem__`), and the handle
     is dropped on pickling, so the dataset works with DataLoader workers under fork and spawn.
 
@@ -162,6 +168,9 @@ class PatchDataset(Dataset[dict[str, Any]]):
         seed: base seed of the run.
         rank, world_size: this process's data-parallel rank and the number of ranks.
         augment: apply `augment_patch` (flips and intensity).
+        defer_to_device: return float16/uint8 items and defer the casts and the intensity
+            augmentation to `finish_batch` (half the bytes per patch, and the host skips two
+            passes over the patch; see above).
 
     Raises:
         ValueError: bad argument, or this rank's shard is empty (fewer cases than ranks).
@@ -180,6 +189,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
         rank: int = 0,
         world_size: int = 1,
         augment: bool = True,
+        defer_to_device: bool = False,
     ) -> None:
         if len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
             raise ValueError(f"patch_size must be 3 positive ints, got {tuple(patch_size)}")
@@ -220,6 +230,7 @@ class PatchDataset(Dataset[dict[str, Any]]):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.augment = bool(augment)
+        self.defer_to_device = bool(defer_to_device)
         self.epoch = 0
 
         self._root: zarr.Group | None = None
@@ -308,13 +319,13 @@ class PatchDataset(Dataset[dict[str, Any]]):
 
         n_channels = image_part.shape[0]
         aug = draw_augmentation(rng, n_channels) if self.augment else None
+        image_dtype = np.float16 if self.defer_to_device else np.float32
         if image_part.shape[1:] == self.patch_size:
-            # Flip the freshly read float16 block as a view, then cast: the cast is the one
-            # copy and produces a contiguous float32 patch (for a float32 store it is a copy
-            # only when flipped).
+            # Flip the freshly read block as a view, then copy once: the copy is the cast to
+            # float32 (or a float16 copy when deferring) and makes the patch contiguous.
             if aug is not None:
                 image_part, label_part = flip_view(image_part, aug[0]), flip_view(label_part, aug[0])
-            image = np.ascontiguousarray(image_part, dtype=np.float32)
+            image = np.ascontiguousarray(image_part, dtype=image_dtype)
             label = label_part
         else:
             # Pad: the cast happens while writing into the zero-filled patch.
@@ -324,13 +335,23 @@ class PatchDataset(Dataset[dict[str, Any]]):
             inner = tuple(
                 slice(o, o + hi - lo) for o, (lo, hi) in zip(offsets, bounds, strict=True)
             )
-            image = np.zeros((n_channels, *self.patch_size), dtype=np.float32)
+            image = np.zeros((n_channels, *self.patch_size), dtype=image_dtype)
             image[(slice(None), *inner)] = image_part
             label = np.zeros(self.patch_size, dtype=label_part.dtype)
             label[inner] = label_part
             if aug is not None:
                 image = np.ascontiguousarray(flip_view(image, aug[0]))
                 label = flip_view(label, aug[0])
+        if self.defer_to_device:
+            item: dict[str, Any] = {
+                "image": torch.from_numpy(image),
+                "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)),
+                "case_id": case_id,
+            }
+            if aug is not None:
+                item["intensity"] = torch.from_numpy(
+                    np.stack([aug[1], aug[2]]).astype(np.float32))
+            return item
         if aug is not None:
             scale_shift_brain(image, aug[1], aug[2])
         return {
@@ -338,3 +359,45 @@ class PatchDataset(Dataset[dict[str, Any]]):
             "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
             "case_id": case_id,
         }
+
+
+def scale_shift_brain_batch(image: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
+    """`scale_shift_brain` for a batch `(B, C, ...)` on any device, out of place.
+
+    `intensity` is `(B, 2, C)`: scales then shifts. Same operations in the same order as the
+    numpy version (multiply, then add the shift where the scaled value is non-zero).
+    """
+    shape = (image.shape[0], image.shape[1]) + (1,) * (image.dim() - 2)
+    scales, shifts = intensity[:, 0].reshape(shape), intensity[:, 1].reshape(shape)
+    image = image * scales
+    return image + torch.where(image != 0, shifts, torch.zeros((), device=image.device))
+
+
+def finish_batch(batch: dict[str, Any], device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a collated batch to `device` and finish it there: `(image, label)`.
+
+    For a deferred batch (`PatchDataset(defer_to_device=True)`): float16 -> float32, then the
+    intensity augmentation `x * scale + shift` per item and channel on brain voxels (x != 0),
+    exactly as `scale_shift_brain` does on the host; labels uint8 -> int64. A float32 batch is
+    only moved. Finally the image is cast to `dtype` (bf16 training).
+    """
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    if image.dtype != torch.float32:
+        image = image.float()
+    intensity = batch.get("intensity")
+    if intensity is not None:
+        if image.device.type == "cpu":
+            # CPU training: numpy's in-place passes are several times faster than torch's
+            # out-of-place ones here; `image` is the fresh float32 copy made just above.
+            values, params = image.numpy(), intensity.numpy()
+            for i in range(values.shape[0]):
+                scale_shift_brain(values[i], params[i, 0], params[i, 1])
+        else:
+            image = scale_shift_brain_batch(image, intensity.to(device, non_blocking=True))
+    if label.dtype != torch.int64:
+        label = label.long()
+    if dtype != torch.float32:
+        image = image.to(dtype)
+    return image, label

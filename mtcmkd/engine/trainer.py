@@ -157,7 +157,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
     """
     import deepspeed
 
-    from mtcmkd.data import PatchDataset, StoreInfo, split_cases
+    from mtcmkd.data import PatchDataset, StoreInfo, finish_batch, split_cases
     from mtcmkd.methods import build_method
 
     dist: DistInfo = setup_distributed()
@@ -192,7 +192,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
     dataset = PatchDataset(cfg.data.store, train_ids, patch_size=cfg.data.patch_size,
                            samples_per_epoch=micro_per_epoch * t.batch_size,
                            fg_fraction=cfg.data.fg_fraction, seed=seed, rank=dist.rank,
-                           world_size=dist.world_size, augment=cfg.data.augment)
+                           world_size=dist.world_size, augment=cfg.data.augment,
+                           defer_to_device=cfg.data.defer_to_device)
 
     method = build_method(cfg, info.channels).to(dist.device)
     precision = resolve_precision(t.precision, dist.device)
@@ -260,10 +261,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
         for batch in _batches(dataset, state.micro_in_epoch * t.batch_size, t.batch_size,
                               cfg.data.num_workers):
             timers["data"] += time.perf_counter() - tic
-            image = batch["image"].to(dist.device, non_blocking=True)
-            if precision == "bf16":
-                image = image.bfloat16()
-            inputs = {"image": image, "label": batch["label"].to(dist.device, non_blocking=True)}
+            image, label = finish_batch(
+                batch, dist.device, torch.bfloat16 if precision == "bf16" else torch.float32)
+            inputs = {"image": image, "label": label}
             t0 = time.perf_counter()
             result = engine(inputs, state.epoch)
             t1 = time.perf_counter()

@@ -184,3 +184,34 @@ def test_kdnet_stages_freeze_the_other_group_under_deepspeed(store, tmp_path):
     assert stage1 and stage2
     assert all(x["lr/student"] == 0.0 and x["lr/teachers"] > 0 for x in stage1)
     assert all(x["lr/teachers"] == 0.0 and x["lr/student"] > 0 for x in stage2)
+
+
+def _teacher_states(run: Path) -> dict[str, torch.Tensor]:
+    from mtcmkd.engine.checkpoint import safe_torch_load
+
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    module = safe_torch_load(run / "checkpoints" / latest / "mp_rank_00_model_states.pt")["module"]
+    return {k: v for k, v in module.items() if k.startswith(("teachers.", "cdsfl."))}
+
+
+def test_student_losses_do_not_change_the_teachers_training(store, tmp_path):
+    """Teachers and CDSFL learn only from L_T: the student's KD weight must not move them.
+
+    DeepSpeed clips the global gradient norm at 1.0 unless told otherwise, which made the
+    student's (large, paper-scaled) KD gradients shrink the teachers' updates; grad_clip null
+    now means no clipping at all.
+    """
+    runs = {}
+    for preset in ("default", "paper"):
+        runs[preset] = tmp_path / preset
+        r = _run(_train_cmd(store, runs[preset], "--set", "method.kd_start_epoch=0",
+                            "--set", f"method.preset={preset}"))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((runs["paper"] / "ds_config.json").read_text())["gradient_clipping"] == 0.0
+    default, paper = _teacher_states(runs["default"]), _teacher_states(runs["paper"])
+    assert default.keys() == paper.keys() and len(default) > 100
+    assert all(torch.equal(default[k], paper[k]) for k in default)
+    # ... while the student did see different losses
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(runs["default"]).values(),
+                                                      _weights(runs["paper"]).values(),
+                                                      strict=True))

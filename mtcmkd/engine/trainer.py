@@ -60,9 +60,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict[st
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # our own logging
         "wall_clock_breakdown": False,
+        # Always explicit: DeepSpeed's default is 1.0, a clip of the global norm over every
+        # parameter, which couples the networks of a method (a student's large KD gradients
+        # shrink the teachers' updates) and is not what `grad_clip: null` means.
+        "gradient_clipping": 0.0 if t.grad_clip is None else t.grad_clip,
     }
-    if t.grad_clip is not None:
-        ds["gradient_clipping"] = t.grad_clip
     return ds
 
 

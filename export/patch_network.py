@@ -80,13 +80,21 @@ def patch_metadata(bundle: StudentBundle, stride: int, fmt: str) -> dict[str, An
     }
 
 
-def export_patch_program(bundle: StudentBundle) -> torch.export.ExportedProgram:
+def export_patch_program(bundle: StudentBundle, network: torch.nn.Module | None = None
+                         ) -> torch.export.ExportedProgram:
     """``torch.export`` the student with a dynamic batch and dynamic spatial sizes.
+
+    Args:
+        bundle: the student.
+        network: a variant of the student's network to export instead (e.g. with ONNX-friendly
+            normalisations); default the network itself.
 
     Raises:
         ExportError: the network does not export (the first line of torch's message).
     """
-    network = frozen_network(bundle)
+    network = frozen_network(bundle) if network is None else network.eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
     stride = network_stride(network)
     blocks = [max(2, int(p) // stride) for p in bundle.patch_size]
     # Distinct example sizes keep torch.export from treating equal dims as one symbol.

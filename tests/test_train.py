@@ -215,3 +215,17 @@ def test_student_losses_do_not_change_the_teachers_training(store, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(_weights(runs["default"]).values(),
                                                       _weights(runs["paper"]).values(),
                                                       strict=True))
+
+
+def test_plateau_ignores_epochs_with_a_frozen_student(store, tmp_path):
+    """KD-Net's stage 1 keeps the student frozen: its flat validation Dice is no plateau."""
+    out = tmp_path / "kdnet-plateau"
+    r = _run(_train_cmd(store, out, "--set", "method.name=kdnet", "--set",
+                        "method.kdnet_teacher_epochs=2", "--set", "train.epochs=3", "--set",
+                        "train.iters_per_epoch=1", "--set", "train.val_every=1", "--set",
+                        "train.plateau_start_epoch=0", "--set", "train.plateau_patience=0"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "student learning rate ->" not in r.stdout, r.stdout[-2000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    stage2 = [x for x in records if x["kind"] == "train" and x["epoch"] == 2]
+    assert stage2 and all(x["lr/student"] == pytest.approx(1e-3) for x in stage2)

@@ -337,7 +337,10 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
                     ckpt.atomic_write_text(out / "best.json", json.dumps(
                         {"epoch": state.epoch, "step": state.step, "mean_dice": mean_dice,
                          "dice": val}, indent=2) + "\n")
-            _plateau(state, 1.0 - mean_dice, t, optimizer, student_group, echo)
+            frozen_fn = getattr(method, "frozen_groups", None)
+            if not (callable(frozen_fn) and "student" in frozen_fn(state.epoch)):
+                # A frozen student (KD-Net's stage 1) neither improves nor stalls.
+                _plateau(state, 1.0 - mean_dice, t, optimizer, student_group, echo)
         log.write(record)
         if dist.is_main:
             echo(f"epoch {state.epoch} done" + (

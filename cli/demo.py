@@ -22,7 +22,7 @@ def demo(
     ranks: Annotated[int, typer.Option(help="DeepSpeed data-parallel ranks (CPU processes).")
                      ] = 2,
     epochs: Annotated[int, typer.Option(help="Training epochs (KD starts at epoch 1).")] = 6,
-    iters: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 40,
+    iters: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the phantom and of training.")] = 0,
     cpp: Annotated[bool, typer.Option(
         "--cpp/--no-cpp", help="Build the C++ client and run the export with it too.")] = True,

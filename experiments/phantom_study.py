@@ -124,7 +124,25 @@ def run_variant(args: argparse.Namespace, variant: str, seed: int, threads: int)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"variant": variant, "seed": seed, "cases": len(result["cases"]),
             "dice": result["mean"]["dice"], "hd95": result["mean"]["hd95"],
-            "train_seconds": summary.get("seconds"), "wall_seconds": train_s}
+            "train_seconds": summary.get("seconds"), "wall_seconds": train_s,
+            "diagnostics": diagnostics(run_dir / "log.jsonl")}
+
+
+def diagnostics(log_path: Path) -> dict[str, Any]:
+    """From the training log: the last epoch's training Dice (student, teachers) and teacher
+    weights, and each loss term's share of the total over the last quarter of the steps."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    steps = [r for r in records if r.get("kind") == "train"]
+    last = epochs[-1] if epochs else {}
+    out: dict[str, Any] = {k: v for k, v in last.items()
+                           if k.startswith(("teacher_wt_dice", "alpha/", "student_wt_dice"))}
+    tail = steps[-max(1, len(steps) // 4):]
+    terms = sorted({k for r in tail for k in r if k.startswith("loss/")})
+    totals = {k: sum(r.get(k, 0.0) for r in tail) for k in terms}
+    whole = sum(totals.values()) or 1.0
+    out["loss_share"] = {k[len("loss/"):]: v / whole for k, v in totals.items()}
+    return out
 
 
 def prepare_data(args: argparse.Namespace) -> None:
@@ -181,6 +199,18 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]],
         hd = [f"{e[f'hd95_{k}'][0]:.1f} +- {e[f'hd95_{k}'][1]:.1f}" for k in REGIONS]
         lines.append(f"| {e['variant']} | {e['input']} | " + " | ".join(dice + hd)
                      + f" | {e['train_minutes']:.1f} |")
+    lines += ["", "| run | student WT Dice (train) | teacher WT Dice (train, last epoch) | "
+              "share of the loss in the last quarter |", "|---|---|---|---|"]
+    for r in rows:
+        d = r.get("diagnostics", {})
+        teachers = ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in d.items()
+                             if k.startswith("teacher_wt_dice"))
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in d.get("loss_share", {}).items()
+                           if v >= 0.005)
+        student = d.get("student_wt_dice")
+        lines.append(f"| {r['variant']} s{r['seed']} | "
+                     f"{'-' if student is None else f'{student:.2f}'} | {teachers or '-'} | "
+                     f"{shares} |")
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -51,7 +51,7 @@ class DemoSettings:
     folds: int = 4
     ranks: int = 2
     epochs: int = 6
-    iters: int = 40
+    iters: int = 50
     seed: int = 0
     cpp: bool = True
 

@@ -126,6 +126,7 @@ def worker(mode: str, files: dict[str, str], overlap: float, out: Path) -> None:
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     else:
         raise ValueError(mode)
+    np.save(out.with_suffix(".npy"), np.ascontiguousarray(labels, dtype=np.uint8))
     out.write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu,
                                "digest": _digest(labels)}))
 
@@ -225,9 +226,12 @@ def main() -> None:
                 print(f"onnxruntime: skipped ({', '.join(missing)} not installed)")
                 paths.remove("onnxruntime")
             else:
-                from mtcmkd.export import export_onnx
-
-                files["onnx"] = str(export_onnx(student, tmp / "student.onnx").path)
+                # In a child process: Linux carries a parent's peak RSS into the children it
+                # forks, and the export with its 128^3 parity check peaks at several GB here.
+                onnx_file = tmp / "student.onnx"
+                subprocess.run([sys.executable, "-m", "mtcmkd", "export", "onnx", str(student),
+                                "--out", str(onnx_file)], check=True, capture_output=True)
+                files["onnx"] = str(onnx_file)
         if "cpp" in paths:
             start = time.perf_counter()
             client = build_cpp_client(tmp / "cpp-build")
@@ -244,6 +248,18 @@ def main() -> None:
                       f"{r['process_cpu_s']:7.1f})  peak RSS {r['peak_rss_mib']:6.0f} MiB",
                       flush=True)
 
+        # Voxels whose label differs from the eager path's (last round of each path).
+        eager_labels = tmp / "eager.npy"
+        for path in paths:
+            mine = tmp / f"{path}.npy"
+            if path != "eager" and eager_labels.is_file() and mine.is_file():
+                a, b = np.load(eager_labels), np.load(mine)
+                n = int((a != b).sum())
+                for r in runs[path]:
+                    r["voxels_differing_from_eager"] = n
+                print(f"{path}: {n} voxels of {a.size} ({n / a.size:.2e}) differ from eager; "
+                      f"{int(((a != b) & ((a > 0) | (b > 0))).sum())} of them in either's tumour",
+                      flush=True)
         keys = ("inference_s", "inference_cpu_s", "process_s", "process_cpu_s")
         results = {path: {**{k: min(r[k] for r in rs) for k in keys},
                           "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),

@@ -95,17 +95,18 @@ def common(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
 
 def run_variant(args: argparse.Namespace, variant: str, seed: int, threads: int) -> dict[str, Any]:
     """Train then evaluate one (variant, seed); returns the evaluation means."""
-    run_dir = args.out / "runs" / f"{variant}-s{seed}"
+    name = f"{variant}-{args.tag}" if args.tag else variant
+    run_dir = args.out / "runs" / f"{name}-s{seed}"
     metrics = run_dir / "eval" / "metrics.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    log = args.out / "logs" / f"{variant}-s{seed}.log"
+    log = args.out / "logs" / f"{name}-s{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if not (run_dir / "summary.json").is_file():
         config_file, extra = VARIANTS[variant]
-        over = {**common(args, variant, seed), **extra}
+        over = {**common(args, variant, seed), **extra, **dict(args.set)}
         cmd = [sys.executable, "-m", "mtcmkd", "train", "-c", str(CONFIGS / config_file),
                "--out", str(run_dir)]
         if (run_dir / "checkpoints").is_dir():
@@ -122,7 +123,7 @@ def run_variant(args: argparse.Namespace, variant: str, seed: int, threads: int)
                            check=True, stdout=fh, stderr=subprocess.STDOUT, env=env)
     result = json.loads(metrics.read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"variant": variant, "seed": seed, "cases": len(result["cases"]),
+    return {"variant": name, "seed": seed, "cases": len(result["cases"]),
             "dice": result["mean"]["dice"], "hd95": result["mean"]["hd95"],
             "train_seconds": summary.get("seconds"), "wall_seconds": train_s,
             "diagnostics": diagnostics(run_dir / "log.jsonl")}
@@ -168,7 +169,9 @@ def aggregate(rows: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
         runs = [r for r in rows if r["variant"] == v]
         if not runs:
             continue
-        entry: dict[str, Any] = {"variant": v, "input": INPUTS.get(v, "t1ce"),
+        student_input = next((INPUTS[k] for k in INPUTS if v == k or v.startswith(k + "-")),
+                             "t1ce")
+        entry: dict[str, Any] = {"variant": v, "input": student_input,
                                  "seeds": sorted(r["seed"] for r in runs)}
         for metric in ("dice", "hd95"):
             for region in REGIONS:
@@ -215,6 +218,15 @@ def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]],
     print("\n".join(lines))
 
 
+def _override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("study_out"))
@@ -230,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one thread each).")
+    p.add_argument("--set", action="append", default=[], type=_override, metavar="KEY=VALUE",
+                   help="Config override for every run (YAML value), e.g. method.kd_temperature=4")
+    p.add_argument("--tag", default="", help="Suffix of the run names (for --set experiments).")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     prepare_data(args)
@@ -252,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             d = row["dice"]
             print(f"done {v} seed {s}: Dice WT {d['WT']:.3f} TC {d['TC']:.3f} ET {d['ET']:.3f}"
                   f" ({row['train_seconds']:.0f} s)", flush=True)
-    rows.sort(key=lambda r: (args.variants.index(r["variant"]), r["seed"]))
-    write_outputs(args, rows, aggregate(rows, args.variants))
+    names = [f"{v}-{args.tag}" if args.tag else v for v in args.variants]
+    rows.sort(key=lambda r: (names.index(r["variant"]), r["seed"]))
+    write_outputs(args, rows, aggregate(rows, names))
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

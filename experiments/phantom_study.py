@@ -87,7 +87,7 @@ def common(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     over.update({
         "train.epochs": epochs,
         "train.val_every": epochs,  # one validation, after the last epoch
-        "train.ckpt_every": epochs,
+        "train.ckpt_every": epochs * args.iters,  # steps: one checkpoint, at the end
         "train.plateau_start_epoch": epochs,  # no LR schedule within this short budget
     })
     return over

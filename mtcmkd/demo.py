@@ -84,7 +84,8 @@ def demo_config(settings: DemoSettings) -> dict[str, Any]:
         "train": {"epochs": settings.epochs, "iters_per_epoch": settings.iters,
                   "batch_size": 1, "lr": 1.0e-3, "precision": "fp32", "seed": settings.seed,
                   "val_every": 2 if settings.epochs >= 2 else 1,
-                  "ckpt_every": 2 if settings.epochs >= 2 else 1,
+                  # steps: one resumable checkpoint per epoch
+                  "ckpt_every": settings.iters,
                   "log_every": 10, "plateau_start_epoch": settings.epochs},
     }
 

@@ -84,4 +84,5 @@ def test_demo_config_is_a_valid_mtcmkd_config(tmp_path):
     cfg = load_config(path)
     assert cfg.method.name == "mtcmkd" and cfg.method.student_modalities == ("t1ce",)
     assert cfg.train.epochs == 3 and cfg.train.iters_per_epoch == 5
+    assert cfg.train.ckpt_every == 5  # steps: one checkpoint per epoch
     assert cfg.data.store == str(tmp_path / "store")

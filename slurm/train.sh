@@ -46,7 +46,10 @@ srun --kill-on-bad-exit=1 "${PYTHON}" -m mtcmkd train --config "${CONFIG}" --sto
     --out "${OUT}" ${RESUME} ${EXTRA_ARGS}
 rc=$?
 set -e
-if [ "${rc}" -eq 3 ]; then
+# Exit code 3 means "checkpoint saved after the warning, requeue me". With --kill-on-bad-exit,
+# srun may kill the other ranks once the first exits 3 and report their signal instead; every
+# rank passes a barrier after the run folder's PREEMPTED marker is written, so trust it too.
+if [ "${rc}" -eq 3 ] || { [ "${rc}" -ne 0 ] && [ -f "${OUT}/PREEMPTED" ]; }; then
     echo "[$(date -Is)] checkpoint saved after the warning signal; requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "${SLURM_JOB_ID}"
     exit 0

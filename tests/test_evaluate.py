@@ -80,7 +80,7 @@ def env(tmp_path_factory):
     store = root / "store"
     assert not preprocess(raw, store, n_folds=2).failed
     run = make_student(root / "run", store)
-    et_run = make_student(root / "et_run", store, et_everywhere=True, kind="kdnet", widths=(2, 4))
+    et_run = make_student(root / "et_run", store, et_everywhere=True, kind="kdnet", widths=(2, 4, 6))
     return {"root": root, "raw": raw, "ids": ids, "store": store, "run": run, "et_run": et_run}
 
 
@@ -458,7 +458,7 @@ def test_report_from_a_synthetic_log(env, tmp_path):
 def test_predict_a_real_case_keeps_its_header(tmp_path):
     case_id = "BraTS2021_00410"
     # A 2-level KD-Net U-Net whose one window covers this case's brain crop: fast on a CPU.
-    model = make_student(tmp_path / "real.pt", None, kind="kdnet", widths=(2, 4),
+    model = make_student(tmp_path / "real.pt", None, kind="kdnet", widths=(2, 4, 6),
                          patch=(160, 192, 160))
     out = tmp_path / "pred"
     result = invoke("predict", "-m", model, "-i", SHARED_SAMPLE / case_id, "-o", out)

@@ -114,5 +114,38 @@ def test_slurm_preemption_signal_requeues_and_resumes(cluster, slurm_store, tmp_
     assert "requeueing job" in log and "resumed from" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 30 and summary["preempted"] is False
+    assert not (out / "PREEMPTED").exists()  # the resumed attempt removed it
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps[-1] == 30 and max(steps) == 30
+
+
+@pytest.mark.parametrize(("srun_rc", "marker", "requeued", "exit_code"), [
+    (3, False, True, 0),     # the run's own "requeue me"
+    (143, True, True, 0),    # srun killed the other ranks after rank 0 exited 3
+    (143, False, False, 143),  # a real failure: no requeue, its exit code
+    (0, False, False, 0),
+])
+def test_train_sh_requeue_decision(tmp_path, srun_rc, marker, requeued, exit_code):
+    """slurm/train.sh's requeue logic with stand-ins for srun and scontrol (no cluster)."""
+    import os
+    import subprocess
+
+    bin_dir, out = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    out.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n" + (f"echo '{{}}' > '{out}/PREEMPTED'\n" if marker else "")
+        + f"exit {srun_rc}\n")
+    (bin_dir / "scontrol").write_text(
+        f"#!/bin/bash\necho \"$@\" >> '{calls}'\n"
+        "if [ \"$1 $2\" = 'show hostnames' ]; then echo node1; fi\n")
+    for f in ("srun", "scontrol"):
+        (bin_dir / f).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NAME": "t"}
+    r = subprocess.run(["bash", str(REPO / "slurm" / "train.sh"), "configs/tiny.yaml", "store",
+                        str(out)], env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == exit_code, r.stdout + r.stderr
+    assert ("requeue 7" in (calls.read_text() if calls.exists() else "")) is requeued

@@ -229,3 +229,28 @@ def test_plateau_ignores_epochs_with_a_frozen_student(store, tmp_path):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     stage2 = [x for x in records if x["kind"] == "train" and x["epoch"] == 2]
     assert stage2 and all(x["lr/student"] == pytest.approx(1e-3) for x in stage2)
+
+
+def test_preemption_signal_exit_3_and_marker_until_resumed(store, tmp_path):
+    """SIGUSR1: checkpoint, PREEMPTED marker (what slurm/train.sh trusts), exit 3; a resumed run
+    removes the marker and finishes."""
+    out = tmp_path / "pre"
+    cmd = _train_cmd(store, out, "--set", "train.epochs=1", "--set", "train.iters_per_epoch=100",
+                     "--set", "train.ckpt_every=1000", "--set", "train.val_every=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), cwd=REPO)
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and '"step": 2' in log.read_text()):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, output[-3000:]
+    marker = json.loads((out / "PREEMPTED").read_text())
+    assert 2 <= marker["step"] < 100
+    assert (out / "checkpoints" / "latest").is_file()
+    r = _run([*cmd, "--resume"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (out / "PREEMPTED").exists()
+    assert json.loads((out / "summary.json").read_text())["step"] == 100

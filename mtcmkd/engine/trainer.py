@@ -31,6 +31,10 @@ from mtcmkd.engine import checkpoint as ckpt
 from mtcmkd.engine.dist import DistInfo, setup_distributed
 
 EXIT_PREEMPTED = 3  # the run saved a checkpoint after a warning signal and wants a requeue
+#: Written into the run folder, before any rank exits, when a run stopped for a preemption
+#: warning. A launcher that kills the other ranks when the first one exits (srun
+#: --kill-on-bad-exit) may report another exit code than 3; slurm/train.sh trusts this file.
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 class TrainError(RuntimeError):
@@ -210,6 +214,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this attempt has not been preempted
         dump_config(cfg, out / "config.yaml")
         ckpt.atomic_write_text(out / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
     torch.distributed.barrier()
@@ -315,6 +320,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
                     save_checkpoint()
                     summary["preempted"] = True
                     log.write({"kind": "preempted", "step": state.step, "epoch": state.epoch})
+                    if dist.is_main:  # before _finish's barrier: no rank exits without it
+                        ckpt.atomic_write_text(out / PREEMPTED_MARKER,
+                                               json.dumps({"step": state.step}) + "\n")
                     return _finish(summary, state, out, dist)
                 if t.ckpt_every and state.step % t.ckpt_every == 0:
                     save_checkpoint()

@@ -147,27 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     loaders: dict[str, Dataset] = {}
     if args.store is not None:
         info = StoreInfo.read(args.store)
-        loaders["store"] = PatchDataset(
-            args.store,
-            info.labelled_cases,
-            patch_size=patch,
-            samples_per_epoch=args.n,
-            fg_fraction=args.fg_fraction,
-            seed=args.seed,
-            augment=True,
-        )
-        # The training default: float16 items, casts and intensity augmentation on the device
-        # (finish_batch). Its host-side cost of finish_batch is measured separately below.
-        loaders["deferred"] = PatchDataset(
-            args.store,
-            info.labelled_cases,
-            patch_size=patch,
-            samples_per_epoch=args.n,
-            fg_fraction=args.fg_fraction,
-            seed=args.seed,
-            augment=True,
-            defer_to_device=True,
-        )
+        # "store": float32 items, all augmentation on the host. "deferred" (the training
+        # default): float16 items, casts and intensity augmentation on the device
+        # (finish_batch), whose host-side cost is measured separately below.
+        for name, deferred in (("store", False), ("deferred", True)):
+            loaders[name] = PatchDataset(
+                args.store,
+                info.labelled_cases,
+                patch_size=patch,
+                samples_per_epoch=args.n,
+                fg_fraction=args.fg_fraction,
+                seed=args.seed,
+                augment=True,
+                defer_to_device=deferred,
+            )
     if args.raw is not None:
         loaders["nifti"] = NiftiPatchDataset(args.raw, patch, args.n, seed=args.seed)
 

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtcmkd.config import RunConfig
 from mtcmkd.losses import (
@@ -45,25 +45,20 @@ from mtcmkd.losses import (
     region_targets,
 )
 from mtcmkd.methods.base import (
-    Method,
+    OneTeacherMethod,
     dice_stats,
-    epoch_dice,
     take_channels,
     target_labels,
 )
 
 
-class BarlowKD(Method):
+class BarlowKD(OneTeacherMethod):
     """Teacher path + student path, Barlow Twins on the bottlenecks, DS cross-entropy."""
 
     name = "barlow"
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
         super().__init__(cfg, channels)
-        self.teacher_modalities: tuple[str, ...] = cfg.method.effective_teacher_modalities
-        self._teacher_index = self._channel_index(self.teacher_modalities, "teacher")
-        self.teacher = self._network(len(self.teacher_modalities))
-        self.student = self._network(len(cfg.method.student_modalities))
         self.embedding_dim: int = cfg.model.effective_widths[-1]
 
     def _ds_loss(self, logits: Tensor, target_half: Tensor) -> Tensor:
@@ -94,18 +89,6 @@ class BarlowKD(Method):
         stats.update(dice_stats("student", student["logits"], labels, self.output))
         return terms, student["logits"], stats
 
-    def end_epoch(self, epoch_stats: Mapping[str, Tensor]) -> dict[str, float]:
-        logs = super().end_epoch(epoch_stats)
-        logs["teacher_wt_dice"] = epoch_dice(epoch_stats, "teacher", "wt")
-        logs["teacher_tc_dice"] = epoch_dice(epoch_stats, "teacher", "tc")
-        return logs
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "student": list(self.student.parameters()),
-            "teachers": list(self.teacher.parameters()),
-        }
-
     def describe(self) -> dict[str, Any]:
         m = self.cfg.method
         ds = "CE" if self.output == "softmax" else "BCE"
@@ -119,10 +102,7 @@ class BarlowKD(Method):
              f"lambda_offdiag={m.barlow_lambda_offdiag:g}, pool={m.barlow_pool}; both paths"),
         ]
         return self._describe(
-            {
-                "teacher": (self.teacher, self.teacher_modalities, "teachers"),
-                "student": (self.student, self.student_channels(), "student"),
-            },
+            self._networks(),
             terms,
             {"barlow_weight": m.barlow_weight, "barlow_pool": m.barlow_pool,
              "embedding_dim": self.embedding_dim},

@@ -41,6 +41,7 @@ from mtcmkd.models import build_network, count_parameters
 __all__ = [
     "Method",
     "MethodOutput",
+    "OneTeacherMethod",
     "dice_stats",
     "epoch_dice",
     "hard_region_masks",
@@ -312,4 +313,36 @@ class Method(nn.Module, abc.ABC):
                 {"term": t, "weight": float(w), "epochs": e, "note": n} for t, w, e, n in terms
             ],
             "settings": settings,
+        }
+
+
+class OneTeacherMethod(Method):
+    """A method with one teacher network on ``teacher_modalities`` and one student (KD-Net,
+    Barlow Twins): the two networks, their optimiser groups (``student``, ``teachers``), the
+    teacher's logged training Dice and the networks part of ``describe``."""
+
+    def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
+        super().__init__(cfg, channels)
+        self.teacher_modalities: tuple[str, ...] = cfg.method.effective_teacher_modalities
+        self._teacher_index = self._channel_index(self.teacher_modalities, "teacher")
+        self.teacher = self._network(len(self.teacher_modalities))
+        self.student = self._network(len(cfg.method.student_modalities))
+
+    def end_epoch(self, epoch_stats: Mapping[str, Tensor]) -> dict[str, float]:
+        logs = super().end_epoch(epoch_stats)
+        logs["teacher_wt_dice"] = epoch_dice(epoch_stats, "teacher", "wt")
+        logs["teacher_tc_dice"] = epoch_dice(epoch_stats, "teacher", "tc")
+        return logs
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "student": list(self.student.parameters()),
+            "teachers": list(self.teacher.parameters()),
+        }
+
+    def _networks(self) -> dict[str, tuple[nn.Module, Sequence[str], str]]:
+        """The ``networks`` argument of :meth:`Method._describe`."""
+        return {
+            "teacher": (self.teacher, self.teacher_modalities, "teachers"),
+            "student": (self.student, self.student_channels(), "student"),
         }

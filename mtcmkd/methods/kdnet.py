@@ -29,30 +29,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mtcmkd.config import RunConfig
 from mtcmkd.losses import bottleneck_kl, kdnet_gt_loss, kdnet_kd_loss
 from mtcmkd.methods.base import (
-    Method,
+    OneTeacherMethod,
     dice_stats,
-    epoch_dice,
     take_channels,
     target_labels,
 )
 
 
-class KDNet(Method):
+class KDNet(OneTeacherMethod):
     """Multimodal teacher + unimodal student. Groups: ``teachers``, ``student``."""
 
     name = "kdnet"
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
         super().__init__(cfg, channels)
-        self.teacher_modalities: tuple[str, ...] = cfg.method.effective_teacher_modalities
-        self._teacher_index = self._channel_index(self.teacher_modalities, "teacher")
-        self.teacher = self._network(len(self.teacher_modalities))
-        self.student = self._network(1)
         temperature = cfg.method.effective_kd_temperature
         assert temperature is not None  # kdnet has a default
         self.temperature: float = temperature
@@ -103,18 +98,6 @@ class KDNet(Method):
     def frozen_groups(self, epoch: int) -> frozenset[str]:
         return frozenset({"student"} if self.in_stage_one(epoch) else {"teachers"})
 
-    def end_epoch(self, epoch_stats: Mapping[str, Tensor]) -> dict[str, float]:
-        logs = super().end_epoch(epoch_stats)
-        logs["teacher_wt_dice"] = epoch_dice(epoch_stats, "teacher", "wt")
-        logs["teacher_tc_dice"] = epoch_dice(epoch_stats, "teacher", "tc")
-        return logs
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "student": list(self.student.parameters()),
-            "teachers": list(self.teacher.parameters()),
-        }
-
     def describe(self) -> dict[str, Any]:
         m = self.cfg.method
         k = m.kdnet_teacher_epochs
@@ -127,10 +110,7 @@ class KDNet(Method):
             ("student/kl", m.kdnet_beta, stage2, "stage 2: KL(teacher || student) bottlenecks"),
         ]
         return self._describe(
-            {
-                "teacher": (self.teacher, self.teacher_modalities, "teachers"),
-                "student": (self.student, self.student_channels(), "student"),
-            },
+            self._networks(),
             terms,
             {"kd_temperature": self.temperature, "teacher_epochs": k,
              "lambda": m.kdnet_lambda, "beta": m.kdnet_beta},

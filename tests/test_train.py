@@ -254,3 +254,28 @@ def test_preemption_signal_exit_3_and_marker_until_resumed(store, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not (out / "PREEMPTED").exists()
     assert json.loads((out / "summary.json").read_text())["step"] == 100
+
+
+def test_collectives_go_through_the_device_aware_all_reduce():
+    """NCCL reduces CUDA tensors only; the loop's statistics and flags live on the CPU.
+
+    A direct `torch.distributed.all_reduce` of a host tensor runs on gloo (every CPU test) and
+    crashes on the first GPU step, so every reduction in the package must use
+    `mtcmkd.engine.dist.all_reduce`, which routes host tensors through the rank's GPU.
+    """
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("mtcmkd", "cli", "preprocessing", "export"):
+        for path in (root / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Attribute) and node.attr in ("all_reduce", "reduce",
+                                                                      "all_gather")
+                        and isinstance(node.value, ast.Attribute)
+                        and node.value.attr == "distributed"):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    helper = root / "mtcmkd" / "engine" / "dist.py"
+    assert [o for o in offenders if not o.startswith(str(helper.relative_to(root)))] == []
+    assert any(o.startswith("mtcmkd/engine/dist.py") for o in offenders)  # the helper itself

@@ -93,3 +93,20 @@ def setup_distributed() -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                     local_rank=local_rank, device=device, backend=backend, launcher=launcher)
+
+
+def all_reduce(tensor: torch.Tensor,
+               op: torch.distributed.ReduceOp.RedOpType = torch.distributed.ReduceOp.SUM
+               ) -> torch.Tensor:
+    """`torch.distributed.all_reduce` for a tensor on any device; returns the reduced tensor.
+
+    NCCL reduces CUDA tensors only, so a host tensor (the loop's statistics and flags live on
+    the CPU) makes a round trip through this rank's GPU; on gloo it is reduced in place. Every
+    collective of the training loop goes through here.
+    """
+    if torch.distributed.get_backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(on_gpu, op=op)
+        return on_gpu.to(tensor.device)
+    torch.distributed.all_reduce(tensor, op=op)
+    return tensor

@@ -28,7 +28,7 @@ import torch
 
 from mtcmkd.config import RunConfig, config_hash, dump_config, to_dict
 from mtcmkd.engine import checkpoint as ckpt
-from mtcmkd.engine.dist import DistInfo, setup_distributed
+from mtcmkd.engine.dist import DistInfo, all_reduce, setup_distributed
 
 EXIT_PREEMPTED = 3  # the run saved a checkpoint after a warning signal and wants a requeue
 #: Written into the run folder, before any rank exits, when a run stopped for a preemption
@@ -118,12 +118,7 @@ class _Preemption:
 
 
 def _all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k in sorted(tensors):
-        t = tensors[k].detach().double().clone()
-        torch.distributed.all_reduce(t)
-        out[k] = t
-    return out
+    return {k: all_reduce(tensors[k].detach().double().clone()) for k in sorted(tensors)}
 
 
 def _jsonable(v: Any) -> Any:
@@ -267,9 +262,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
         tic = time.perf_counter()
         for batch in _batches(dataset, state.micro_in_epoch * t.batch_size, t.batch_size,
                               cfg.data.num_workers):
-            timers["data"] += time.perf_counter() - tic
             image, label = finish_batch(
                 batch, dist.device, torch.bfloat16 if precision == "bf16" else torch.float32)
+            timers["data"] += time.perf_counter() - tic  # waiting for the batch + finishing it
             inputs = {"image": image, "label": label}
             t0 = time.perf_counter()
             result = engine(inputs, state.epoch)
@@ -315,7 +310,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
                     term_sums, n_timed = {}, 0
                     samples_since_log, log_clock = 0, now
                 flag = torch.tensor([1.0 if preempt.requested else 0.0])
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                flag = all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 if flag.item() > 0:
                     save_checkpoint()
                     summary["preempted"] = True
@@ -403,9 +398,8 @@ def _ranks_in_sync(method: Any) -> bool:
         local = torch.tensor([flat.sum().item(), (flat * flat).sum().item(),
                               (flat * torch.arange(flat.numel(), dtype=torch.float64)
                                ).sum().item()], dtype=torch.float64)
-    low, high = local.clone(), local.clone()
-    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    low = all_reduce(local.clone(), op=torch.distributed.ReduceOp.MIN)
+    high = all_reduce(local.clone(), op=torch.distributed.ReduceOp.MAX)
     return bool(torch.equal(low, high))
 
 
@@ -474,8 +468,7 @@ def validate(method: Any, cfg: RunConfig, val_ids: list[str], dist: DistInfo) ->
         scores = score_case(pred, np.asarray(g["label"][...]), tuple(g.attrs["spacing"]))
         sums += torch.tensor([scores["dice"][r] for r in ("WT", "TC", "ET")], dtype=torch.float64)
     count = torch.tensor([float(len(ids[dist.rank::dist.world_size]))], dtype=torch.float64)
-    torch.distributed.all_reduce(sums)
-    torch.distributed.all_reduce(count)
+    sums, count = all_reduce(sums), all_reduce(count)
     student.train(was_training)
     mean = (sums / count.clamp(min=1)).tolist()
     return {"WT": mean[0], "TC": mean[1], "ET": mean[2]}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from mtcmkd.models import (
     CDSFL,
@@ -246,3 +247,44 @@ def test_bf16_autocast_cpu_gives_finite_outputs() -> None:
                 assert torch.isfinite(value.float()).all()
         fused = fusion([feats["features_half"]] * 3)
         assert torch.isfinite(fused.float()).all()
+
+
+@pytest.mark.parametrize("groups, affine", [(4, True), (6, False), (24, True)])
+def test_group_norm_by_reduction_matches_torch(groups, affine):
+    """The GPU path of GroupNorm3d (run here on the CPU) against F.group_norm in float64."""
+    import torch.nn.functional as F
+
+    from mtcmkd.models.norms import group_norm_by_reduction
+
+    g = torch.Generator().manual_seed(groups)
+    x = (torch.randn(2, 24, 12, 10, 8, generator=g) * 0.5 + 3).requires_grad_()
+    w = (torch.randn(24, generator=g) if affine else None)
+    b = (torch.randn(24, generator=g) if affine else None)
+    upstream = torch.randn(x.shape, generator=g)
+    ours = group_norm_by_reduction(x, groups, w, b, 1e-5)
+    (grad_ours,) = torch.autograd.grad(ours, x, upstream)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.group_norm(x64, groups, None if w is None else w.double(),
+                       None if b is None else b.double(), 1e-5)
+    (grad_ref,) = torch.autograd.grad(ref, x64, upstream.double())
+    assert ours.dtype == torch.float32
+    assert (ours.double() - ref).abs().max() < 1e-5
+    assert (grad_ours.double() - grad_ref).abs().max() < 1e-4
+    # bfloat16 in, bfloat16 out, statistics in float32
+    out16 = group_norm_by_reduction(x.detach().bfloat16(), groups, w, b, 1e-5)
+    assert out16.dtype == torch.bfloat16
+    assert (out16.double() - ref.detach()).abs().max() < 0.1
+
+
+def test_norm_layers_keep_the_published_layers_and_state_dict():
+    """GroupNorm3d / instance_norm3d are drop-ins: same outputs on the CPU, same state keys."""
+    from mtcmkd.models.norms import GroupNorm3d, instance_norm3d
+
+    x = torch.randn(1, 24, 8, 8, 8) * 2 + 1
+    assert torch.equal(GroupNorm3d(6, 24)(x), nn.GroupNorm(6, 24)(x))
+    assert (instance_norm3d(24)(x) - nn.InstanceNorm3d(24)(x)).abs().max() < 1e-5
+    assert set(instance_norm3d(24, affine=True).state_dict()) == set(
+        nn.InstanceNorm3d(24, affine=True).state_dict())
+    assert list(instance_norm3d(24).state_dict()) == []
+    scripted = torch.jit.script(GroupNorm3d(4, 24))
+    assert torch.equal(scripted(x), nn.GroupNorm(4, 24)(x))

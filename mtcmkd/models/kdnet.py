@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtcmkd.models.attention import LEAKY_SLOPE
+from mtcmkd.models.norms import instance_norm3d
 from mtcmkd.models.resunet import check_spatial_size
 
 KDNET_DEFAULT_WIDTHS: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -41,10 +42,10 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=True),
-            nn.InstanceNorm3d(out_channels, affine=True),
+            instance_norm3d(out_channels, affine=True),
             nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=True),
-            nn.InstanceNorm3d(out_channels, affine=True),
+            instance_norm3d(out_channels, affine=True),
             nn.LeakyReLU(LEAKY_SLOPE),
         )
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mtcmkd.models.attention import LEAKY_SLOPE, ChannelAttentionGate
+from mtcmkd.models.norms import GroupNorm3d, instance_norm3d
 
 DEFAULT_WIDTHS: tuple[int, ...] = (32, 64, 128, 256)
 """Encoder widths of the published network: full, 1/2, 1/4 resolution and the 1/8 bridge."""
@@ -60,7 +61,7 @@ class Stem(nn.Module):
         super().__init__()
         self.main = nn.Sequential(
             _conv3(in_channels, out_channels),
-            nn.InstanceNorm3d(out_channels),  # PyTorch defaults: affine=False, no running stats
+            instance_norm3d(out_channels),  # as nn.InstanceNorm3d: not affine, no running stats
             nn.LeakyReLU(LEAKY_SLOPE),
             _conv3(out_channels, out_channels),
         )
@@ -86,16 +87,16 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.main = nn.Sequential(
-            nn.GroupNorm(group_norm_groups(in_channels), in_channels),
+            GroupNorm3d(group_norm_groups(in_channels), in_channels),
             nn.LeakyReLU(LEAKY_SLOPE),
             _conv3(in_channels, out_channels, stride),
-            nn.GroupNorm(group_norm_groups(out_channels), out_channels),
+            GroupNorm3d(group_norm_groups(out_channels), out_channels),
             nn.LeakyReLU(LEAKY_SLOPE),
             _conv3(out_channels, out_channels),
         )
         self.shortcut = nn.Sequential(
             _conv3(in_channels, out_channels, stride),
-            nn.GroupNorm(group_norm_groups(out_channels), out_channels),
+            GroupNorm3d(group_norm_groups(out_channels), out_channels),
         )
 
     def forward(self, x: Tensor) -> Tensor:

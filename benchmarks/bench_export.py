@@ -21,6 +21,10 @@ typical brain box) to finish in minutes; the paper's 0.5 means 3x3x3 windows her
 
     python benchmarks/bench_export.py                # ~7 min per round on 2 quiet cores
     python benchmarks/bench_export.py --paths eager torchscript --overlap 0.25
+    python benchmarks/bench_export.py --device cuda --paths eager torchscript --overlap 0.5
+
+`--device cuda` runs the eager and TorchScript paths on the GPU (the same exported file, moved
+with `.to("cuda")`; times end after a synchronise); the C++ and ONNX paths stay on the CPU.
 """
 
 from __future__ import annotations
@@ -96,9 +100,14 @@ def _onnx_tiled(model: Path, volume: np.ndarray, patch: list[int], overlap: floa
     return release("2021").unmap_labels(labels).astype(np.uint8)
 
 
-def worker(mode: str, files: dict[str, str], overlap: float, out: Path) -> None:
+def worker(mode: str, files: dict[str, str], overlap: float, out: Path,
+           device: str = "cpu") -> None:
     """Run one path on the volume and write {seconds, digest} to `out`."""
     import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     volume = _load_volume(Path(files["volume"]))
     if mode == "eager":
@@ -106,18 +115,22 @@ def worker(mode: str, files: dict[str, str], overlap: float, out: Path) -> None:
         from mtcmkd.student_weights import load_student
 
         bundle = load_student(Path(files["student"]))
+        network = bundle.network.to(device)
+        sync()
         start, cpu = time.perf_counter(), time.process_time()
-        pred = predict_volume(bundle.network, volume[None], bundle.patch_size, bundle.n_out,
+        pred = predict_volume(network, volume[None], bundle.patch_size, bundle.n_out,
                               bundle.output, overlap=overlap)
+        sync()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         labels = to_release_labels(pred.labels, "2021")
     elif mode == "torchscript":
         import warnings
 
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        module = torch.jit.load(files["torchscript"])
+        module = torch.jit.load(files["torchscript"], map_location=device)
+        sync()
         start, cpu = time.perf_counter(), time.process_time()
-        labels = module(torch.from_numpy(volume)[None, None])[0].numpy()
+        labels = module(torch.from_numpy(volume)[None, None].to(device))[0].cpu().numpy()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     elif mode == "onnxruntime":
         patch = json.loads(files["patch"])
@@ -175,14 +188,19 @@ def main() -> None:
                     help="T1ce NIfTI (default: the first case of ../shared, else synthetic)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="interleaved rounds over the paths; the best time of each path counts")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda[:N]: where the eager and TorchScript paths run")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--worker", choices=PATHS[:2] + PATHS[3:], help=argparse.SUPPRESS)
     ap.add_argument("--files", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, json.loads(args.files), args.overlap, args.result)
+        worker(args.worker, json.loads(args.files), args.overlap, args.result, args.device)
         return
+    if args.device != "cpu" and set(args.paths) - {"eager", "torchscript"}:
+        raise SystemExit("bench_export: --device applies to the eager and torchscript paths "
+                         "only; pass --paths eager torchscript")
 
     import torch
 
@@ -241,7 +259,7 @@ def main() -> None:
         for round_ in range(args.repeats):
             for path in paths:
                 runs[path].append(_run_path(path, client, files, exported.path, volume, tmp,
-                                            args.overlap))
+                                            args.overlap, args.device))
                 r = runs[path][-1]
                 print(f"round {round_ + 1} {path:12s} inference {r['inference_s']:7.1f} s (cpu "
                       f"{r['inference_cpu_s']:7.1f})  process {r['process_s']:7.1f} s (cpu "
@@ -280,12 +298,14 @@ def main() -> None:
         if args.json_out:
             args.json_out.write_text(json.dumps({
                 "overlap": args.overlap, "patch": list(patch), "volume": str(volume),
-                "brain_box": box, "threads": torch.get_num_threads(), "repeats": args.repeats,
+                "brain_box": box, "threads": torch.get_num_threads(), "device": args.device,
+                "gpu": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                        else None), "repeats": args.repeats,
                 "load_average_after": os.getloadavg(), "results": results}, indent=2))
 
 
 def _run_path(path: str, client: Path | None, files: dict[str, str], exported: Path,
-              volume: Path, tmp: Path, overlap: float) -> dict:
+              volume: Path, tmp: Path, overlap: float, device: str = "cpu") -> dict:
     """One measured run of one path in a fresh process."""
     if path == "cpp":
         import nibabel as nib
@@ -303,7 +323,7 @@ def _run_path(path: str, client: Path | None, files: dict[str, str], exported: P
                 "process_s": wall, "process_cpu_s": cpu, "peak_rss_mib": rss, "digest": digest}
     result_file = tmp / f"{path}.json"
     cmd = [sys.executable, __file__, "--worker", path, "--files", json.dumps(files),
-           "--overlap", str(overlap), "--result", str(result_file)]
+           "--overlap", str(overlap), "--result", str(result_file), "--device", device]
     wall, cpu, rss, _ = _run_measured(cmd)
     data = json.loads(result_file.read_text())
     return {"inference_s": data["seconds"], "inference_cpu_s": data["cpu_seconds"],

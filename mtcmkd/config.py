@@ -464,7 +464,13 @@ class TrainConfig(_Section):
     seed: int = 0
     """Seed of weights initialisation and patch sampling."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """"auto": bf16 autocast where the device supports it, else fp32."""
+    """"auto": bf16 on a GPU that supports it (DeepSpeed's bf16 mode: bf16 weights and
+    activations, float32 master weights in the optimiser), else fp32."""
+    compile: bool = False
+    """``torch.compile`` the method (DeepSpeed's ``engine.compile()``): the networks, CDSFL and
+    losses of one step. The first steps pay the compilation (36 s for the baseline on an H200);
+    there the baseline's bf16 step then took half the time (docs/PERFORMANCE.md). Needs a C++
+    compiler on the CPU."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0..3."""
     val_every: int = 1

@@ -206,6 +206,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
     engine, optimizer, _, _ = deepspeed.initialize(model=method, optimizer=optimizer,
                                                    config=ds_cfg, dist_init_required=False)
     engine.checkpoint_engine = ckpt.make_safe_checkpoint_engine(engine.checkpoint_engine)
+    if t.compile:
+        engine.compile()  # in place: module names and checkpoints stay as they are
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -340,8 +342,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
                     ckpt.atomic_write_text(out / "best.json", json.dumps(
                         {"epoch": state.epoch, "step": state.step, "mean_dice": mean_dice,
                          "dice": val}, indent=2) + "\n")
-            frozen_fn = getattr(method, "frozen_groups", None)
-            if not (callable(frozen_fn) and "student" in frozen_fn(state.epoch)):
+            if "student" not in method.frozen_groups(state.epoch):
                 # A frozen student (KD-Net's stage 1) neither improves nor stalls.
                 _plateau(state, 1.0 - mean_dice, t, optimizer, student_group, echo)
         log.write(record)
@@ -379,8 +380,7 @@ def _apply_frozen_groups(method: Any, optimizer: Any, epoch: int) -> None:
     moves a parameter by its momentum (and weight decay); lr 0 makes "frozen" exact. The
     previous rate is kept in the param group (so it is checkpointed) and restored on thaw.
     """
-    frozen_fn = getattr(method, "frozen_groups", None)
-    frozen = frozen_fn(epoch) if callable(frozen_fn) else frozenset()
+    frozen = method.frozen_groups(epoch)
     for group in optimizer.param_groups:
         name = group.get("name")
         if name in frozen:

@@ -10,6 +10,8 @@ else a synthetic head. Each path runs in its own fresh process, so its peak RSS
     cpp          export/cpp's mtcmkd_segment end to end (NIfTI in, NIfTI out)
     onnxruntime  the ONNX patch network tiled in numpy (export/README.md's recipe); only when
                  onnx, onnxscript and onnxruntime are installed
+    onnxruntime-noarena  the same with ONNX Runtime's CPU memory arena off
+                 (SessionOptions.enable_cpu_mem_arena = False)
 
 Times: "inference" is the segmentation call alone (for eager, predict_volume; C++ reports its
 forward time); "process" is the whole process (interpreter or library start, loading, I/O).
@@ -44,7 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "brats2021-sample"
-PATHS = ("eager", "torchscript", "cpp", "onnxruntime")
+PATHS = ("eager", "torchscript", "cpp", "onnxruntime", "onnxruntime-noarena")
 
 
 # --- worker side: one path, one process --------------------------------------------------------
@@ -60,14 +62,18 @@ def _digest(labels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest()[:16]
 
 
-def _onnx_tiled(model: Path, volume: np.ndarray, patch: list[int], overlap: float) -> np.ndarray:
+def _onnx_tiled(model: Path, volume: np.ndarray, patch: list[int], overlap: float,
+                arena: bool = True) -> np.ndarray:
     """export/README.md's edge recipe: crop, z-score, Gaussian-blended windows, argmax."""
     import onnxruntime
 
     from mtcmkd.brats import release
     from mtcmkd.inference import gaussian_importance_map, window_starts
 
-    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.enable_cpu_mem_arena = arena
+    session = onnxruntime.InferenceSession(str(model), options,
+                                           providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     nz = np.argwhere(volume != 0)
     lo, hi = nz.min(0), nz.max(0) + 1
@@ -132,10 +138,11 @@ def worker(mode: str, files: dict[str, str], overlap: float, out: Path,
         start, cpu = time.perf_counter(), time.process_time()
         labels = module(torch.from_numpy(volume)[None, None].to(device))[0].cpu().numpy()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    elif mode == "onnxruntime":
+    elif mode.startswith("onnxruntime"):
         patch = json.loads(files["patch"])
         start, cpu = time.perf_counter(), time.process_time()
-        labels = _onnx_tiled(Path(files["onnx"]), volume, patch, overlap)
+        labels = _onnx_tiled(Path(files["onnx"]), volume, patch, overlap,
+                             arena=mode == "onnxruntime")
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     else:
         raise ValueError(mode)
@@ -238,11 +245,11 @@ def main() -> None:
         # from other processes on a shared machine hits every path alike; the best round counts.
         paths = list(args.paths)
         client = None
-        if "onnxruntime" in paths:
+        if any(p.startswith("onnxruntime") for p in paths):
             missing = missing_onnx_packages()
             if missing:
                 print(f"onnxruntime: skipped ({', '.join(missing)} not installed)")
-                paths.remove("onnxruntime")
+                paths = [p for p in paths if not p.startswith("onnxruntime")]
             else:
                 # In a child process: Linux carries a parent's peak RSS into the children it
                 # forks, and the export with its 128^3 parity check peaks at several GB here.
@@ -291,7 +298,8 @@ def main() -> None:
             eager = results.get("eager")
             ratio = r["inference_s"] / eager["inference_s"] if eager else float("nan")
             cpu_ratio = r["inference_cpu_s"] / eager["inference_cpu_s"] if eager else float("nan")
-            same = "identical" if r["digests"] == reference else "DIFFER"
+            same = ("-" if reference is None
+                    else "identical" if r["digests"] == reference else "DIFFER")
             print(f"{path:12s} {r['inference_s']:11.1f} {r['inference_cpu_s']:8.1f} "
                   f"{r['process_s']:10.1f} {r['process_cpu_s']:8.1f} {r['peak_rss_mib']:13.0f}"
                   f"  {ratio:.3f}x ({cpu_ratio:.3f}x)  {same}")

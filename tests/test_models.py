@@ -5,6 +5,7 @@ Everything except the parameter counts uses tiny widths so the file runs in seco
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,22 @@ def test_group_norm_function_keeps_only_the_input_for_backward():
     for a, c in zip(grads_fn, grads_plain, strict=True):
         assert a.dtype == c.dtype == torch.bfloat16
         assert (a.float() - c.float()).abs().max() <= 0.02 * c.float().abs().max() + 1e-3
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+def test_group_norm_function_compiles_in_one_graph():
+    """train.compile on a GPU traces the norms' training path: no graph break, same gradients."""
+    from mtcmkd.models.norms import _GroupNormFunction, group_norm_by_reduction
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 8, 8, 8, 8, generator=g) + 1).requires_grad_()
+    w = torch.randn(8, generator=g).requires_grad_()
+    b = torch.randn(8, generator=g).requires_grad_()
+    compiled = torch.compile(
+        lambda x, w, b: _GroupNormFunction.apply(x, w, b, 4, 1e-5).square().sum(), fullgraph=True)
+    got = torch.autograd.grad(compiled(x, w, b), (x, w, b))
+    want = torch.autograd.grad(group_norm_by_reduction(x, 4, w, b, 1e-5).square().sum(),
+                               (x, w, b))
+    for a, c in zip(got, want, strict=True):
+        assert (a - c).abs().max() <= 1e-5 * c.abs().max() + 1e-6

@@ -66,7 +66,10 @@ class _GroupNormFunction(torch.autograd.Function):
         mean_c = mean.repeat_interleave(per_group, dim=1)  # (n, c)
         rstd_c = rstd.repeat_interleave(per_group, dim=1)
         sum_g = gf.sum(dim=-1)  # (n, c)
-        sum_g_xhat = rstd_c * (torch.einsum("ncl,ncl->nc", gf, xf) - mean_c * sum_g)
+        # A product then a plain reduction (rather than einsum's batched matmul, whose
+        # 1 x L x 1 products may not spread over the GPU): the reduction kernel that
+        # var_mean uses, known to split long rows across blocks.
+        sum_g_xhat = rstd_c * ((gf * xf).sum(dim=-1) - mean_c * sum_g)
         w = torch.ones(c, device=x.device, dtype=acc) if weight is None else weight.to(acc)
         sum_gw = (w * sum_g).reshape(n, g, per_group).sum(dim=-1)  # (n, g)
         sum_gw_xhat = (w * sum_g_xhat).reshape(n, g, per_group).sum(dim=-1)

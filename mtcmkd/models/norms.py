@@ -33,10 +33,8 @@ def group_norm_by_reduction(x: Tensor, num_groups: int, weight: Tensor | None,
     Statistics and the affine map in float32 (float64 for float64 input); the result in
     ``x``'s dtype.
     """
-    n = x.shape[0]
-    var, mean = torch.var_mean(x.reshape(n, num_groups, -1).to(_compute_dtype(x)), dim=-1,
-                               correction=0)
-    return _apply_stats(x, num_groups, weight, bias, mean, torch.rsqrt(var + eps))
+    mean, rstd = _group_stats(x, num_groups, eps)
+    return _apply_stats(x, num_groups, weight, bias, mean, rstd)
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -45,10 +43,7 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int,
                 eps: float) -> Tensor:
-        n = x.shape[0]
-        var, mean = torch.var_mean(x.reshape(n, num_groups, -1).to(_compute_dtype(x)), dim=-1,
-                                   correction=0)
-        rstd = torch.rsqrt(var + eps)
+        mean, rstd = _group_stats(x, num_groups, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.num_groups = num_groups
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -63,8 +58,7 @@ class _GroupNormFunction(torch.autograd.Function):
         acc = _compute_dtype(x)
         gf = grad.reshape(n, c, -1).to(acc)
         xf = x.reshape(n, c, -1).to(acc)
-        mean_c = mean.repeat_interleave(per_group, dim=1)  # (n, c)
-        rstd_c = rstd.repeat_interleave(per_group, dim=1)
+        mean_c, rstd_c = _per_channel(mean, per_group), _per_channel(rstd, per_group)  # (n, c)
         sum_g = gf.sum(dim=-1)  # (n, c)
         # A product then a plain reduction (rather than einsum's batched matmul, whose
         # 1 x L x 1 products may not spread over the GPU): the reduction kernel that
@@ -75,8 +69,8 @@ class _GroupNormFunction(torch.autograd.Function):
         sum_gw_xhat = (w * sum_g_xhat).reshape(n, g, per_group).sum(dim=-1)
         # dx = rstd * (g w - mean(g w) - xhat * mean(g w xhat)), means over the group
         k_g = (rstd_c * w)[..., None]
-        k_x = (-(rstd * rstd) * sum_gw_xhat / m).repeat_interleave(per_group, dim=1)[..., None]
-        k_0 = (-rstd * sum_gw / m).repeat_interleave(per_group, dim=1)[..., None]
+        k_x = _per_channel(-(rstd * rstd) * sum_gw_xhat / m, per_group)[..., None]
+        k_0 = _per_channel(-rstd * sum_gw / m, per_group)[..., None]
         dx = (gf * k_g + (xf - mean_c[..., None]) * k_x + k_0).reshape(x.shape).to(x.dtype)
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -92,8 +86,8 @@ def _apply_stats(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor
     """``(x - mean) * rstd * weight + bias`` as one per-channel ``x * scale + shift``."""
     n, c = x.shape[0], x.shape[1]
     acc = _compute_dtype(x)
-    scale = rstd.repeat_interleave(c // num_groups, dim=1)  # (n, c)
-    shift = -mean.repeat_interleave(c // num_groups, dim=1) * scale
+    scale = _per_channel(rstd, c // num_groups)  # (n, c)
+    shift = -_per_channel(mean, c // num_groups) * scale
     if weight is not None:
         scale = scale * weight.to(acc)
         shift = shift * weight.to(acc)
@@ -101,6 +95,18 @@ def _apply_stats(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor
         shift = shift + bias.to(acc)
     shape = [n, c] + [1] * (x.dim() - 2)
     return torch.addcmul(shift.reshape(shape), x.to(acc), scale.reshape(shape)).to(x.dtype)
+
+
+def _group_stats(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Per (sample, group) mean and 1/std, ``(n, groups)`` each, in the compute dtype."""
+    var, mean = torch.var_mean(x.reshape(x.shape[0], num_groups, -1).to(_compute_dtype(x)),
+                               dim=-1, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _per_channel(per_group: Tensor, channels_per_group: int) -> Tensor:
+    """``(n, groups)`` -> ``(n, channels)``: each group's value for each of its channels."""
+    return per_group.repeat_interleave(channels_per_group, dim=1)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

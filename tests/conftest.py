@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,10 @@ import pytest
 from mtcmkd.brats import CHANNELS, release
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2021-sample"
+
+#: torch.compile's CPU backend (inductor) builds C++: skip where no compiler is installed.
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="torch.compile (inductor) needs a C++ compiler on the CPU")
 
 
 def blob_case(shape: tuple[int, int, int] = (24, 28, 20), seed: int = 0, has_et: bool = True):

@@ -5,11 +5,11 @@ Everything except the parameter counts uses tiny widths so the file runs in seco
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_cxx
 from torch import nn
 
 from mtcmkd.models import (
@@ -341,8 +341,7 @@ def test_group_norm_function_keeps_only_the_input_for_backward():
         assert (a.float() - c.float()).abs().max() <= 0.02 * c.float().abs().max() + 1e-3
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+@needs_cxx
 def test_group_norm_function_compiles_in_one_graph():
     """train.compile on a GPU traces the norms' training path: no graph break, same gradients."""
     from mtcmkd.models.norms import _GroupNormFunction, group_norm_by_reduction

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_raw
+from conftest import needs_cxx, write_raw
 
 from mtcmkd.preprocessing import preprocess
 from mtcmkd.student_weights import load_student
@@ -282,8 +281,7 @@ def test_collectives_go_through_the_device_aware_all_reduce():
     assert any(o.startswith("mtcmkd/engine/dist.py") for o in offenders)  # the helper itself
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+@needs_cxx
 def test_compiled_training_matches_eager(store, tmp_path):
     """train.compile=true: DeepSpeed compiles the method in place; weights stay close to eager.
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mtcmkd.lut import LUT_DTYPES, lookup, table_index
+
 #: Canonical channel order of the project (nnU-Net's). Never rely on position elsewhere: the
 #: store records the names, and code looks channels up by name.
 CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
@@ -32,6 +34,8 @@ CANONICAL_LABELS: dict[int, str] = {
 REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 RELEASES: tuple[str, ...] = ("2018", "2019", "2020", "2021", "2023", "msd")
+
+_INVALID = 255  # table entry of a label value the release does not define
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,18 @@ class Release:
             ValueError: the volume holds a value this release does not define (e.g. 3 in 2021
                 data, 5 anywhere, or a non-integer value); the message lists the bad values.
         """
+        if seg.dtype in LUT_DTYPES:
+            # One table over every value of the dtype; values the release does not define map
+            # to 255 and are looked up afterwards, only for the message.
+            table = np.full(2 ** (8 * seg.dtype.itemsize), _INVALID, dtype=np.uint8)
+            keys = np.array(list(self.label_map), dtype=np.int64)
+            valid = (keys >= np.iinfo(seg.dtype).min) & (keys <= np.iinfo(seg.dtype).max)
+            table[table_index(keys[valid].astype(seg.dtype))] = [
+                self.label_map[int(k)] for k in keys[valid]]
+            out = lookup(table, seg)
+            if out.size and out.max() == _INVALID:
+                raise self._unexpected(np.unique(seg[out == _INVALID]).astype(np.int64).tolist())
+            return out
         if seg.dtype.kind in "ui" and seg.size and 0 <= seg.min() and seg.max() < 4096:
             values = np.flatnonzero(np.bincount(seg.reshape(-1)))  # much faster than unique
         else:
@@ -88,14 +104,15 @@ class Release:
         values = values.astype(np.int64)
         bad = [int(v) for v in values if int(v) not in self.label_map]
         if bad:
-            allowed = sorted(self.label_map)
-            raise ValueError(
-                f"unexpected label values {bad} (release {self.name} allows {allowed})"
-            )
+            raise self._unexpected(bad)
         lut = np.zeros(max(int(values.max()), max(self.label_map)) + 1, dtype=np.uint8)
         for src, dst in self.label_map.items():
             lut[src] = dst
         return lut[seg.astype(np.int64)]
+
+    def _unexpected(self, bad: list[int]) -> ValueError:
+        return ValueError(f"unexpected label values {bad} (release {self.name} allows "
+                          f"{sorted(self.label_map)})")
 
     def unmap_labels(self, labels: np.ndarray) -> np.ndarray:
         """Inverse of `map_labels`: canonical labels -> this release's label values."""

@@ -6,6 +6,7 @@ from .convert import (
     ConvertOptions,
     convert_case,
     foreground_bbox,
+    nonzero_box,
     zscore_nonzero,
 )
 from .discover import CaseSource, DatasetError, discover_cases
@@ -30,6 +31,7 @@ __all__ = [
     "discover_cases",
     "fold_assignment",
     "foreground_bbox",
+    "nonzero_box",
     "preprocess",
     "zscore_nonzero",
 ]

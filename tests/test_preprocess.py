@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +20,7 @@ from mtcmkd.preprocessing import (
     discover_cases,
     fold_assignment,
     foreground_bbox,
+    nonzero_box,
     preprocess,
     zscore_nonzero,
 )
@@ -40,6 +42,14 @@ def test_zscore_on_nonzero_voxels_by_hand():
     np.testing.assert_array_equal(out, np.array([[[0.0, -1.0], [1.0, 0.0]]], dtype=np.float32))
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 2), (2, 2), (4,)])
+def test_zscore_by_hand_on_integers_of_any_rank(shape):
+    x = np.array([0, 1, 3, 0], dtype=np.int16).reshape(shape)
+    out, mean, std = zscore_nonzero(x)
+    assert (mean, std) == (2.0, 1.0)
+    np.testing.assert_array_equal(out.ravel(), np.array([0.0, -1.0, 1.0, 0.0], dtype=np.float32))
+
+
 def test_zscore_refuses_constant_brain():
     with pytest.raises(ValueError, match="constant intensity"):
         zscore_nonzero(np.array([[[0.0, 5.0, 5.0]]]))
@@ -59,6 +69,69 @@ def test_bbox_covers_images_and_seg_and_inverts():
     restored_seg = np.zeros_like(seg)
     restored_seg[sl] = seg[sl]
     np.testing.assert_array_equal(restored_seg, seg)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8])
+@pytest.mark.parametrize("out_dtype", [np.float16, np.float32])
+def test_zscore_integer_path_gives_the_float_path_values(dtype, out_dtype):
+    # BraTS images are int16: they take the exact integer path (sums in int64, one table).
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    vol = rng.integers(max(info.min, -900), min(info.max, 3000), size=(20, 18, 16))
+    vol[rng.random(vol.shape) < 0.4] = 0  # background
+    vol = np.asfortranarray(vol.astype(dtype))[2:17, 1:15, 3:14]  # a NIfTI-like crop view
+    out, mean, std = zscore_nonzero(vol, out=np.empty(vol.shape, dtype=out_dtype))
+    ref, ref_mean, ref_std = zscore_nonzero(vol.astype(np.float64),
+                                            out=np.empty(vol.shape, dtype=out_dtype))
+    assert mean == pytest.approx(ref_mean, rel=1e-14) and std == pytest.approx(ref_std, rel=1e-14)
+    brain = vol != 0
+    assert np.all(out[~brain] == 0)
+    # Both round (v - mean) / std from float64 once; means and stds may differ in the last bit.
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    assert diff.max() <= np.spacing(np.abs(ref).astype(out_dtype)).astype(np.float64).max()
+    assert np.count_nonzero(diff) <= brain.sum() // 1000
+
+
+def test_zscore_integer_path_refuses_constant_and_empty_brain():
+    with pytest.raises(ValueError, match="constant intensity"):
+        zscore_nonzero(np.array([[[0, 5, 5]]], dtype=np.int16))
+    with pytest.raises(ValueError, match="constant intensity"):
+        zscore_nonzero(np.zeros((2, 2, 2), dtype=np.int16))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_nonzero_box_is_the_box_of_np_nonzero(dtype, order):
+    rng = np.random.default_rng(4)
+    for trial in range(20):
+        vol = np.zeros((11, 9, 7), dtype=dtype, order=order)
+        n = int(rng.integers(1, 6))
+        idx = tuple(rng.integers(0, s, size=n) for s in vol.shape)
+        vol[idx] = rng.integers(1, 100, size=n).astype(dtype) * (-1 if dtype != np.uint8 else 1)
+        expected = [[int(i.min()), int(i.max()) + 1] for i in np.nonzero(vol)]
+        assert nonzero_box(vol) == expected, trial
+    assert nonzero_box(np.zeros((3, 4, 5), dtype=dtype, order=order)) is None
+
+
+def test_nonzero_box_treats_negative_zero_as_zero():
+    vol = np.zeros((3, 3, 3), dtype=np.float32)
+    vol[0, 0, 0] = -0.0
+    vol[1, 2, 1] = 1.0
+    assert nonzero_box(vol) == [[1, 2], [2, 3], [1, 2]]
+
+
+def test_gunzip_reads_single_and_multi_member_files_and_rejects_corrupt_ones():
+    data = np.arange(100_000, dtype=np.int16).tobytes()
+    assert convert_mod._gunzip(gzip.compress(data)) == data
+    # Two members (legal gzip): the trailer size is the last member's, so the fast path must
+    # notice and fall back to reading every member.
+    assert convert_mod._gunzip(gzip.compress(data[:1000]) + gzip.compress(data[1000:])) == data
+    corrupt = bytearray(gzip.compress(data))
+    corrupt[-8] ^= 0xFF  # the CRC
+    with pytest.raises((OSError, zlib.error)):
+        convert_mod._gunzip(bytes(corrupt))
+    with pytest.raises((EOFError, OSError, zlib.error)):
+        convert_mod._gunzip(gzip.compress(data)[:-100])
 
 
 def test_fold_assignment_is_deterministic_and_balanced():

@@ -115,7 +115,10 @@ def _gunzip(data: bytes) -> bytes:
     """
     size = int.from_bytes(data[-4:], "little") if len(data) >= 18 else 0
     if 0 < size <= _MAX_DEFLATE_RATIO * len(data):
-        out = zlib.decompress(data, 31, size)
+        try:
+            out = zlib.decompress(data, 31, size)
+        except MemoryError:  # a corrupt trailer can ask for GBs: read without the hint
+            out = b""
         if len(out) == size:
             return out
     return gzip.decompress(data)

@@ -120,12 +120,23 @@ def test_nonzero_box_treats_negative_zero_as_zero():
     assert nonzero_box(vol) == [[1, 2], [2, 3], [1, 2]]
 
 
-def test_gunzip_reads_single_and_multi_member_files_and_rejects_corrupt_ones():
+def test_gunzip_reads_single_and_multi_member_files_and_rejects_corrupt_ones(monkeypatch):
     data = np.arange(100_000, dtype=np.int16).tobytes()
     assert convert_mod._gunzip(gzip.compress(data)) == data
     # Two members (legal gzip): the trailer size is the last member's, so the fast path must
     # notice and fall back to reading every member.
     assert convert_mod._gunzip(gzip.compress(data[:1000]) + gzip.compress(data[1000:])) == data
+    # A buffer the trailer asks for that cannot be allocated: read without the size hint.
+    real = zlib.decompress
+
+    def no_memory(blob, wbits=15, bufsize=16384):
+        if bufsize > 100_000:
+            raise MemoryError
+        return real(blob, wbits, bufsize)
+
+    monkeypatch.setattr(convert_mod.zlib, "decompress", no_memory)
+    assert convert_mod._gunzip(gzip.compress(data)) == data
+    monkeypatch.undo()
     corrupt = bytearray(gzip.compress(data))
     corrupt[-8] ^= 0xFF  # the CRC
     with pytest.raises((OSError, zlib.error)):

@@ -23,7 +23,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from mtcmkd.brats import CHANNELS, REGIONS, release
-from mtcmkd.lut import LUT_DTYPES, lookup, table_index, table_values
+from mtcmkd.lut import LUT_DTYPES, lookup, table_values
 
 from .discover import CaseSource
 
@@ -284,7 +284,7 @@ def zscore_nonzero(channel: np.ndarray, out: np.ndarray | None = None
         table = table_values(channel.dtype)
         table -= mean
         table *= 1.0 / std
-        table[table_index(np.zeros(1, channel.dtype))] = 0.0
+        table[0] = 0.0  # entry 0 stands for the value 0: the background stays exactly 0
         lookup(table.astype(out.dtype), channel, out=out)
         return out, mean, std
     channel = np.ascontiguousarray(channel)

@@ -6,6 +6,8 @@ plain `zarr` groups, so a store can also be inspected by hand with the same call
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,3 +161,81 @@ def split_cases(info: StoreInfo, fold: int) -> tuple[list[str], list[str]]:
             "both must be non-empty"
         )
     return train_ids, val_ids
+
+
+def incomplete_cases(path: str | Path) -> dict[str, str]:
+    """Cases under `path/cases/` that are not completely written, with the reason for each.
+
+    A case is complete when its group carries its attributes (written last by `preprocess`)
+    and every array the attributes promise has its metadata and its data: `image`, and for a
+    labelled case `label` and `foreground/{WT,TC,ET}`. Only the file system is inspected, so
+    this is cheap (no chunk is decompressed).
+
+    Returns:
+        case id -> one-line reason, for every incomplete case; empty when all are complete.
+    """
+    cases_dir = Path(path) / "cases"
+    problems: dict[str, str] = {}
+    if not cases_dir.is_dir():
+        return problems
+    for case_dir in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
+        reason = _case_problem(case_dir)
+        if reason is not None:
+            problems[case_dir.name] = reason
+    return problems
+
+
+def _case_problem(case_dir: Path) -> str | None:
+    meta = case_dir / "zarr.json"
+    if not meta.is_file():
+        return "no zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError) as err:
+        return f"unreadable zarr.json ({err})"
+    if attrs.get("case_id") != case_dir.name:
+        return "group attributes missing (the case was never finished)"
+    # A foreground array of an empty region (a case without ET) holds no chunk: metadata only.
+    arrays = {"image": True}
+    if attrs.get("labelled"):
+        arrays.update({"label": True, "foreground/WT": False, "foreground/TC": False,
+                       "foreground/ET": False})
+    for name, needs_data in arrays.items():
+        arr = case_dir / name
+        if not (arr / "zarr.json").is_file():
+            return f"array {name!r} missing"
+        if needs_data and not (arr / "c").exists():
+            return f"array {name!r} has no data"
+    return None
+
+
+def check_store_complete(path: str | Path) -> None:
+    """Raise `StoreFormatError` naming the incomplete cases of the store at `path`, if any."""
+    problems = incomplete_cases(path)
+    if problems:
+        shown = "; ".join(f"{cid}: {why}" for cid, why in list(problems.items())[:3])
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise StoreFormatError(
+            f"{path}: {len(problems)} incomplete case(s): {shown}{more}; re-run "
+            "`mtcmkd preprocess` on the same raw folder to repair them"
+        )
+
+
+def store_fingerprint(path: str | Path) -> str:
+    """SHA-256 over what a trained model depends on: every case's attributes and the folds.
+
+    Two stores with the same fingerprint hold the same cases converted from the same source
+    files (the case attributes carry each source file's SHA-256) with the same fold
+    assignment. Adding, removing or re-converting a case, or re-dealing the folds, changes it.
+    Reads only `zarr.json` files.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    root_attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    digest.update(json.dumps({"cases": root_attrs.get("cases"),
+                              "folds": root_attrs.get("folds")}, sort_keys=True).encode())
+    for cid in root_attrs.get("cases") or []:
+        meta = path / "cases" / str(cid) / "zarr.json"
+        attrs = json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else None
+        digest.update(json.dumps([cid, attrs], sort_keys=True).encode())
+    return digest.hexdigest()

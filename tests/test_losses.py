@@ -321,19 +321,51 @@ def test_teacher_weights() -> None:
 
 
 def test_kdnet_losses_match_numpy(rng: torch.Generator) -> None:
+    # KD-Net Eq. 1-2: sigma is the softmax over classes, s = softmax(t / T), and the BCE target
+    # is the teacher's binary prediction (one-hot of its argmax).
     student = torch.randn(2, 4, 3, 4, 4, generator=rng) * 2
-    # Sharp teacher logits so that some softened probabilities exceed 0.5 at T = 5.
     teacher = torch.randn(2, 4, 3, 4, 4, generator=rng) * 8
     labels = torch.randint(0, 4, (2, 3, 4, 4), generator=rng)
     s = np_softmax(to_np(teacher) / 5.0, 1)
-    sig = np_sigmoid(to_np(student))
-    hard = (s > 0.5).astype(np.float64)
-    assert 0 < hard.sum() < hard.size
+    sig = np_softmax(to_np(student), 1)
+    hard = np_one_hot(to_np(teacher).argmax(1), 4)
+    assert (hard.sum(1) == 1).all()
     expected_kd = (1 - np_global_dice(s, sig)) + np_bce(sig, hard)
-    assert kdnet_kd_loss(student, teacher).item() == pytest.approx(expected_kd, abs=1e-6)
+    assert kdnet_kd_loss(student, teacher).item() == pytest.approx(expected_kd, abs=1e-5)
     y = np_one_hot(labels.numpy(), 4)
     expected_gt = (1 - np_global_dice(y, sig)) + np_bce(sig, y)
-    assert kdnet_gt_loss(student, labels).item() == pytest.approx(expected_gt, abs=1e-6)
+    assert kdnet_gt_loss(student, labels).item() == pytest.approx(expected_gt, abs=1e-5)
+
+
+def test_kdnet_kd_target_of_a_correct_teacher_is_the_truth(rng: torch.Generator) -> None:
+    """A teacher whose argmax is the truth teaches the truth (not "no class anywhere").
+
+    With a mildly confident teacher, softmax(t / 5) stays below 0.5 on every voxel, so a
+    thresholded target (the old reading) was all-zero; the argmax target is one class per voxel.
+    """
+    labels = torch.randint(0, 4, (1, 4, 4, 4), generator=rng)
+    teacher = 3.0 * F.one_hot(labels, 4).movedim(-1, 1).float()
+    assert bool((torch.softmax(teacher / 5.0, 1) <= 0.5).all())
+    student = torch.zeros(1, 4, 4, 4, 4, requires_grad=True)
+    kdnet_kd_loss(student, teacher).backward()
+    grad = student.grad
+    assert grad is not None
+    # Descent raises exactly the true class's logit at every voxel.
+    true_grad = grad.gather(1, labels.unsqueeze(1))
+    assert bool((true_grad < 0).all())
+    assert bool((grad.sum(1).abs() < 1e-6).all())  # softmax: gradients sum to 0 over classes
+    # A student that predicts the truth scores lower than one that predicts background.
+    right = 6.0 * F.one_hot(labels, 4).movedim(-1, 1).float()
+    wrong = 6.0 * F.one_hot(torch.zeros_like(labels), 4).movedim(-1, 1).float()
+    assert kdnet_kd_loss(right, teacher).item() < kdnet_kd_loss(wrong, teacher).item()
+
+
+def test_kdnet_losses_finite_when_saturated() -> None:
+    z = torch.tensor([30.0, -30.0, 0.0, 0.0]).reshape(1, 4, 1, 1, 1).requires_grad_(True)
+    loss = kdnet_gt_loss(z, torch.ones(1, 1, 1, 1, dtype=torch.long))
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(z.grad).all())
+    assert loss.item() > 10  # the true class has p ~ 1e-13
 
 
 def test_kdnet_kd_loss_detaches_teacher(rng: torch.Generator) -> None:

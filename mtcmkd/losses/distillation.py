@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mtcmkd.losses._checks import check_logits, check_logits_and_labels, check_same_shape
@@ -119,6 +118,21 @@ def _global_soft_dice(a: Tensor, b: Tensor, eps: float) -> Tensor:
     return dice.mean()
 
 
+def _softmax_bce(logits32: Tensor, target: Tensor) -> Tensor:
+    """Element-wise BCE between a {0,1} target and ``p = softmax(logits)`` over the class axis.
+
+    ``-[y log p + (1 - y) log(1 - p)]`` averaged over every element. ``log p`` comes from
+    ``log_softmax`` and ``1 - p`` from ``-expm1(log p)`` (accurate where ``p`` is near 1);
+    both logs are bounded below by ``log(tiny)`` (about -87), as ``F.binary_cross_entropy``
+    clamps at -100, so a saturated softmax gives a large finite loss and finite gradients.
+    (``F.binary_cross_entropy`` itself is refused under CUDA autocast.)
+    """
+    tiny = torch.finfo(logits32.dtype).tiny
+    log_p = torch.log_softmax(logits32, dim=1).clamp_min(torch.log(torch.tensor(tiny)).item())
+    log_1mp = torch.log((-torch.expm1(log_p)).clamp_min(tiny))
+    return -(target * log_p + (1.0 - target) * log_1mp).mean()
+
+
 def kdnet_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -126,18 +140,23 @@ def kdnet_kd_loss(
     *,
     eps: float = 1e-5,
 ) -> Tensor:
-    """KD-Net soft-target loss ``(1 - Dice(s, sigmoid(f_s))) + BCE(binarised s, sigmoid(f_s))``.
+    """KD-Net soft-target loss ``(1 - Dice(s, sigma(f_s))) + BCE(s_bar, sigma(f_s))`` (Eq. 2).
 
-    ``s = softmax(f_t / T)`` over the class axis is the teacher's softened output (detached);
-    ``sigmoid(f_s)`` treats each student channel as an independent probability, as in KD-Net.
+    As published (Hu et al. 2021, Eq. 1): ``sigma`` is the softmax over the class axis,
+    ``s = softmax(f_t / T)`` is the teacher's softened output (detached), and ``s_bar`` is the
+    teacher's *binary prediction*: the one-hot of its argmax, so every voxel has exactly one
+    target class.
 
     - Dice: soft Dice ``(2 sum(s * sigma) + eps) / (sum(s) + sum(sigma) + eps)`` with the sums
       over **all channels and voxels** of a sample (one number per sample, background channel
       included), then averaged over the batch (identical to a whole-batch Dice at ``B = 1``,
       the published setting).
-    - BCE: the target is ``s`` binarised as ``s > 0.5``, mean over every element, computed from
-      the student logits (numerically stable). With 4 classes and ``T = 5`` a channel passes
-      0.5 only where the teacher is confident, so many voxels have an all-zero target.
+    - BCE: element-wise between ``s_bar`` and ``sigma(f_s)``, mean over every element
+      (see :func:`_softmax_bce` for the numerics).
+
+    Earlier versions of this package used an element-wise sigmoid and ``s > 0.5`` as the hard
+    target; with 4 classes and ``T = 5`` that target is all-zero on almost every voxel and
+    taught the student "no class anywhere" (the collapse seen in docs/RESULTS.md before).
 
     Args:
         student_logits: ``(B, C, *spatial)`` student scores.
@@ -153,18 +172,19 @@ def kdnet_kd_loss(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
     logits32 = student_logits.float()
-    soft = torch.softmax(teacher_logits.detach().float() / temperature, dim=1)
-    dice = _global_soft_dice(soft, torch.sigmoid(logits32), eps)
-    bce = F.binary_cross_entropy_with_logits(logits32, (soft > 0.5).float())
-    return (1.0 - dice) + bce
+    teacher32 = teacher_logits.detach().float()
+    soft = torch.softmax(teacher32 / temperature, dim=1)
+    hard = one_hot(teacher32.argmax(dim=1), teacher32.shape[1]).to(logits32.dtype)
+    dice = _global_soft_dice(soft, torch.softmax(logits32, dim=1), eps)
+    return (1.0 - dice) + _softmax_bce(logits32, hard)
 
 
 def kdnet_gt_loss(student_logits: Tensor, labels: Tensor, *, eps: float = 1e-5) -> Tensor:
-    """KD-Net ground-truth loss ``(1 - Dice(y, sigmoid(f_s))) + BCE(y, sigmoid(f_s))``.
+    """KD-Net ground-truth loss ``(1 - Dice(y, sigma(f_s))) + BCE(y, sigma(f_s))``.
 
-    ``y`` is the one-hot encoding of ``labels`` over the student's ``C`` channels. Dice and BCE
-    are as in :func:`kdnet_kd_loss`: soft Dice over all channels and voxels per sample, batch
-    mean; BCE mean over every element, from the logits.
+    ``y`` is the one-hot encoding of ``labels`` over the student's ``C`` channels and ``sigma``
+    the softmax over classes (KD-Net Eq. 1). Dice and BCE are as in :func:`kdnet_kd_loss`: soft
+    Dice over all channels and voxels per sample, batch mean; BCE mean over every element.
 
     Args:
         student_logits: ``(B, C, *spatial)`` student scores.
@@ -176,8 +196,9 @@ def kdnet_gt_loss(student_logits: Tensor, labels: Tensor, *, eps: float = 1e-5) 
     """
     target = one_hot(check_logits_and_labels(student_logits, labels), student_logits.shape[1])
     logits32 = student_logits.float()
-    dice = _global_soft_dice(target, torch.sigmoid(logits32), eps)
-    return (1.0 - dice) + F.binary_cross_entropy_with_logits(logits32, target)
+    target = target.to(logits32.dtype)
+    dice = _global_soft_dice(target, torch.softmax(logits32, dim=1), eps)
+    return (1.0 - dice) + _softmax_bce(logits32, target)
 
 
 def bottleneck_kl(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:

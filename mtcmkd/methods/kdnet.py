@@ -9,13 +9,14 @@ The paper trains the teacher to convergence, then the student; here both stages 
 the same run, split at ``kdnet_teacher_epochs``:
 
 - stage 1, ``epoch < kdnet_teacher_epochs``: the teacher trains with KD-Net's ground-truth loss
-  ``L_GT(y, t) = (1 - Dice(y, sigmoid(t))) + BCE(y, sigmoid(t))`` (term ``teacher/gt``). The
+  ``L_GT(y, t) = (1 - Dice(y, softmax(t))) + BCE(y, softmax(t))`` (term ``teacher/gt``). The
   student only runs under ``no_grad`` (its logits are the step's ``prediction``): it gets no
   gradient, its loss is 0.
 - stage 2, later epochs: the teacher is frozen (``requires_grad`` off, eval mode, forward under
   ``no_grad``) and the student trains with
   ``L = lambda L_KD + (1 - lambda) L_GT + beta L_KL`` (terms ``student/kd``, ``student/gt``,
-  ``student/kl``): L_KD against the teacher's soft targets ``softmax(t / T)`` (T = 5),
+  ``student/kl``): L_KD against the teacher's soft targets ``softmax(t / T)`` (T = 5, Dice)
+  and its binary prediction (argmax one-hot, BCE),
   L_KL = KL(teacher || student) between the flattened, softmax-normalised bottlenecks.
 
 The stage is a pure function of ``epoch``, so a resumed run needs no extra state. Because the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import compare as _compare
 from . import demo as _demo
 from . import evaluate as _evaluate
 from . import export_cmd as _export
@@ -30,6 +31,7 @@ app.command("inspect")(_inspect.inspect_config)
 app.command("predict")(_predict.predict)
 app.command("evaluate")(_evaluate.evaluate)
 app.command("report")(_report.report)
+app.command("compare")(_compare.compare_cmd)
 app.add_typer(_export.export_app, name="export")
 app.command("demo")(_demo.demo)
 

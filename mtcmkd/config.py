@@ -352,6 +352,12 @@ class MethodConfig(_Section):
     performance_metric: Literal["wt", "wt_tc"] = "wt"
     """MTCM-KD teacher performance: whole-tumour Dice, or (WT + TC) / 2 (what the authors used
     for the t1 student)."""
+    performance_dice: Literal["patch3d", "slice2d"] = "patch3d"
+    """MTCM-KD: how a teacher's Dice (its performance, hence its weight alpha) is measured.
+    "patch3d": the 3D hard Dice of each training patch, patches empty in truth and prediction
+    skipped (the BraTS reading). "slice2d": the authors' code, the mean over 2D slices with a
+    slice empty in both scoring 1, which keeps every teacher near 1 and alpha nearly uniform
+    (docs/METHODS.md section 3.2)."""
     kdnet_lambda: float = 0.75
     """KD-Net lambda: L = lambda L_KD + (1 - lambda) L_GT + beta L_KL."""
     kdnet_beta: float = 10.0

@@ -40,6 +40,7 @@ from mtcmkd.methods import (
     dice_stats,
     region_kd_kl,
 )
+from mtcmkd.metrics import slice_dice_legacy
 
 CH = ("t1", "t1ce", "t2", "flair")
 TINY = [4, 8, 12, 16]  # GroupNorm-valid (also the concatenations 28, 20, 12); stride 8
@@ -278,6 +279,34 @@ def test_dice_stats_hand_computed() -> None:
     same = dice_stats("student", regions, truth, "regions")
     assert same["student_wt_dice_sum"].item() == pytest.approx(2 / 3)
     assert same["student_tc_dice_count"].item() == 1
+
+
+def test_dice_stats_slice2d_is_the_authors_slice_dice() -> None:
+    """slice2d: per sample the mean over first-axis slices of the 2D Dice, empty slices 1."""
+    truth = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    pred = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    truth[0, 0, :2, :2] = 2  # slice 0: 4 truth voxels
+    pred[0, 0, :1, :2] = 2  # slice 0: 2 predicted, both inside -> 2*2/6
+    pred[0, 3, 0, 0] = 2  # slice 3: one false positive -> 0; slices 1, 2 empty -> 1
+    # sample 1: empty truth and prediction -> every slice 1, and it is counted
+    logits = torch.nn.functional.one_hot(pred, 4).movedim(-1, 1).float()
+    stats = dice_stats("teacher/t2", logits, truth, "softmax", "slice2d")
+    first = (2 * 2 / 6 + 1 + 1 + 0) / 4
+    assert stats["teacher_wt_dice_sum/t2"].item() == pytest.approx(first + 1.0)
+    assert stats["teacher_wt_dice_count/t2"].item() == 2
+    legacy = slice_dice_legacy((pred[0] > 0).numpy(), (truth[0] > 0).numpy(), axis=0)
+    assert legacy == pytest.approx(first)
+    # The 3D reading of the same batch differs: 2*2/(4+3) on sample 0, sample 1 skipped.
+    patch = dice_stats("teacher/t2", logits, truth, "softmax")
+    assert patch["teacher_wt_dice_sum/t2"].item() == pytest.approx(4 / 7)
+    assert patch["teacher_wt_dice_count/t2"].item() == 1
+
+
+def test_paper_preset_measures_teachers_with_slice_dice() -> None:
+    cfg = load_config(CONFIGS / "mtcmkd-paper.yaml")
+    assert cfg.method.performance_dice == "slice2d"
+    default = load_config(CONFIGS / "mtcmkd.yaml")
+    assert default.method.performance_dice == "patch3d"
 
 
 def test_end_epoch_sets_alpha_from_reduced_teacher_dice() -> None:

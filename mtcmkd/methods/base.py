@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -126,22 +126,40 @@ def _dice_sum_count(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
     return dice.sum(), counted.float().sum()
 
 
+def _slice_dice_sum_count(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
+    """The MTCM-KD authors' performance Dice: per sample, the mean over the slices along the
+    first spatial axis of the 2D hard Dice, a slice empty in both scoring 1; every sample is
+    counted (an empty patch scores 1). Sum over samples and their count, as
+    :func:`_dice_sum_count`."""
+    dims = tuple(range(2, pred.ndim))  # (B, S, ...) -> per (sample, slice)
+    inter = (pred & truth).sum(dim=dims).float()
+    total = pred.sum(dim=dims).float() + truth.sum(dim=dims).float()
+    per_slice = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+    return per_slice.mean(dim=1).sum(), torch.tensor(float(pred.shape[0]), device=pred.device)
+
+
+PerformanceDice = Literal["patch3d", "slice2d"]
+
+
 @torch.no_grad()
-def dice_stats(who: str, logits: Tensor, labels: Tensor, output: str) -> dict[str, Tensor]:
+def dice_stats(who: str, logits: Tensor, labels: Tensor, output: str,
+               dice: PerformanceDice = "patch3d") -> dict[str, Tensor]:
     """Per-step WT and TC hard-Dice sums and counts of one network's prediction.
 
     Keys: ``"<stem>_wt_dice_sum<suffix>"``, ``..._wt_dice_count...``, and the same for ``tc``,
     where ``who = "teacher/flair"`` gives stem "teacher" and suffix "/flair" (so keys read
     ``teacher_wt_dice_sum/flair``) and ``who = "student"`` gives ``student_wt_dice_sum``.
-    See the module docstring for the empty-patch rule.
+    See the module docstring for the empty-patch rule. ``dice="slice2d"`` gives the MTCM-KD
+    authors' per-slice Dice instead (:func:`_slice_dice_sum_count`).
     """
     stem, _, name = who.partition("/")
+    sum_count = _slice_dice_sum_count if dice == "slice2d" else _dice_sum_count
     suffix = f"/{name}" if name else ""
     pred_wt, pred_tc = hard_region_masks(logits.detach(), output)
     true_wt, true_tc = _true_region_masks(labels)
     stats: dict[str, Tensor] = {}
     for region, pred, truth in (("wt", pred_wt, true_wt), ("tc", pred_tc, true_tc)):
-        total, count = _dice_sum_count(pred, truth)
+        total, count = sum_count(pred, truth)
         stats[f"{stem}_{region}_dice_sum{suffix}"] = total
         stats[f"{stem}_{region}_dice_count{suffix}"] = count
     return stats

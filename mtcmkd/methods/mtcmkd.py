@@ -18,7 +18,9 @@ part). The loop back-propagates L_T + L_S once; with Adam (per-parameter) and th
 Performance-aware weights: every step records each teacher's hard-prediction WT (and TC) Dice
 sums (see :mod:`mtcmkd.methods.base`); ``end_epoch`` receives them summed over the epoch and
 all ranks and sets ``alpha = teacher_weights(perf, P)`` with ``perf_i = WT_i`` or
-``(WT_i + TC_i) / 2`` (``performance_metric: wt_tc``, the authors' choice for a t1 student).
+``(WT_i + TC_i) / 2`` (``performance_metric: wt_tc``, the authors' choice for a t1 student),
+each Dice the 3D Dice per patch (``performance_dice: patch3d``) or the authors' per-slice 2D
+Dice with empty slices scored 1 (``slice2d``, the paper preset).
 ``alpha`` starts equal (P / n) and lives in a registered buffer, so it is in ``state_dict()``
 and a resumed run continues with the weights it had.
 
@@ -173,7 +175,8 @@ class MTCMKD(Method):
 
         stats: dict[str, Tensor] = {}
         for mod in self.teacher_modalities:
-            stats.update(dice_stats(f"teacher/{mod}", teacher_logits[mod], labels, self.output))
+            stats.update(dice_stats(f"teacher/{mod}", teacher_logits[mod], labels, self.output,
+                                    self.cfg.method.performance_dice))
         stats.update(dice_stats("student", logits, labels, self.output))
         return terms, logits, stats
 
@@ -234,7 +237,8 @@ class MTCMKD(Method):
         for i, mod in enumerate(self.teacher_modalities):
             terms.append((f"student/kd_{mod}", alpha[i], f">= {k}",
                           f"alpha_{mod} * {kd_name}; alpha = P*perf/sum(perf), "
-                          f"P={m.kd_total_weight:g}, perf={m.performance_metric}, per epoch"))
+                          f"P={m.kd_total_weight:g}, perf={m.performance_metric} "
+                          f"({m.performance_dice} Dice), per epoch"))
         terms.append(("student/ds_seg", m.ds_weight * m.ds_seg_fraction, f">= {k}",
                       "student 1/2-res DS head vs y_half"))
         terms.append(("student/ds_kd", m.ds_weight * (1.0 - m.ds_seg_fraction), f">= {k}",
@@ -246,5 +250,6 @@ class MTCMKD(Method):
             "kd_start_epoch": k,
             "kd_total_weight": m.kd_total_weight,
             "performance_metric": m.performance_metric,
+            "performance_dice": m.performance_dice,
         }
         return self._describe(networks, terms, settings)

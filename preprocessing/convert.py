@@ -1,13 +1,12 @@
 """Convert one raw BraTS case into the store: load, check, crop, normalise, write atomically.
 
-The case is written to `STORE/.staging/<case_id>` and renamed into `STORE/cases/<case_id>` only
-when complete, so a killed run never leaves a half-written case where readers look. The layout
-is documented in docs/STORE.md.
+The case is written to the run's own staging folder (`STORE/.staging/<run>/<case_id>`) and
+renamed into `STORE/cases/<case_id>` only when complete, so a killed run never leaves a
+half-written case where readers look. The layout is documented in docs/STORE.md.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
 import os
@@ -22,7 +21,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from mtcmkd import nifti_header
 from mtcmkd.brats import CHANNELS, REGIONS, release
+from mtcmkd.data.store import case_problem
 from mtcmkd.lut import LUT_DTYPES, lookup, table_values
 
 from .discover import CaseSource
@@ -30,7 +31,6 @@ from .discover import CaseSource
 #: Foreground coordinates kept per region for patch sampling; plenty for uniform draws.
 MAX_FOREGROUND_COORDS = 10_000
 AFFINE_ATOL_MM = 1e-2
-_MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data more than this
 
 
 class CaseError(Exception):
@@ -52,6 +52,9 @@ class ConvertOptions:
     clevel: int = 1
     labels_required: bool = True
     raw_root: str = "."
+    #: this run's staging folder; "" for `STORE/.staging/<pid>` (the driver gives each run
+    #: its own, so two runs never share one)
+    staging: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,12 @@ class _Volume:
     sha256: str
 
 
-def read_nifti(path: Path, case_id: str) -> _Volume:
+def read_nifti(path: Path, case_id: str, *, max_voxels: int | None = None) -> _Volume:
     """Read a .nii/.nii.gz once: the same bytes give the checksum and the array.
+
+    The header is checked before any array exists (mtcmkd/nifti_header.py): a header that
+    declares more voxels than `max_voxels` (None: `nifti_header.MAX_VOXELS`) or more data than
+    the file holds fails here, instead of nibabel allocating the scaled array first.
 
     Raises:
         CaseError: unreadable, truncated or corrupt file (the message says which).
@@ -83,11 +90,17 @@ def read_nifti(path: Path, case_id: str) -> _Volume:
     except OSError as exc:
         raise CaseError(case_id, path, f"cannot read file ({exc.strerror})") from None
     sha = hashlib.sha256(raw).hexdigest()
-    if path.name.endswith(".gz"):
-        try:
-            raw = _gunzip(raw)
-        except (EOFError, OSError, zlib.error):
-            raise CaseError(case_id, path, "truncated or corrupt gzip data") from None
+    try:
+        if path.name.endswith(".gz"):
+            try:
+                raw = _gunzip(raw, max_voxels)
+            except (EOFError, OSError, zlib.error):
+                raise CaseError(case_id, path, "truncated or corrupt gzip data") from None
+        layout = nifti_header.parse_header(raw[:nifti_header.HEADER_PREFIX],
+                                           max_voxels=max_voxels)
+        nifti_header.check_length(layout, len(raw))
+    except nifti_header.NiftiHeaderError as exc:
+        raise CaseError(case_id, path, exc.reason) from None
     try:
         img = nib.Nifti1Image.from_bytes(raw)
     except Exception:
@@ -105,23 +118,52 @@ def read_nifti(path: Path, case_id: str) -> _Volume:
     return _Volume(data, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3]), sha)
 
 
-def _gunzip(data: bytes) -> bytes:
-    """Decompress a gzip file held in memory.
+def _gunzip(data: bytes, max_voxels: int | None = None) -> bytes:
+    """Decompress a gzipped NIfTI file held in memory, never beyond what its header needs.
 
-    The gzip trailer stores the uncompressed size (mod 2^32): decompressing into one buffer of
-    that size skips the growing buffer and final join of `gzip.decompress` (about 7 ms per
-    BraTS case). A size that does not come out (several gzip members, a corrupt trailer)
-    falls back to `gzip.decompress`, which handles every valid file.
+    The header is inflated and checked first; then at most `nifti_header.inflate_limit` bytes
+    are inflated, so neither a header declaring gigabytes nor a gzip bomb behind a small
+    header costs more memory than the data the header may declare.
+
+    Raises:
+        NiftiHeaderError: an invalid header, more voxels than `max_voxels`, or data that inflate
+            beyond the header's size plus `nifti_header.TRAILING_SLACK`.
+        EOFError, zlib.error: truncated or corrupt gzip data.
     """
-    size = int.from_bytes(data[-4:], "little") if len(data) >= 18 else 0
-    if 0 < size <= _MAX_DEFLATE_RATIO * len(data):
-        try:
-            out = zlib.decompress(data, 31, size)
-        except MemoryError:  # a corrupt trailer can ask for GBs: read without the hint
-            out = b""
-        if len(out) == size:
-            return out
-    return gzip.decompress(data)
+    layout = nifti_header.parse_header(_inflate(data, nifti_header.HEADER_PREFIX),
+                                       max_voxels=max_voxels)
+    limit = nifti_header.inflate_limit(layout)
+    out = _inflate(data, limit + 1)
+    if len(out) > limit:
+        raise nifti_header.NiftiHeaderError(
+            f"gzip data inflate beyond the {layout.end:,} bytes its header declares "
+            f"({layout.describe()}): corrupt file or not a single NIfTI volume")
+    return out
+
+
+def _inflate(data: bytes, max_length: int) -> bytes:
+    """The first `max_length` bytes (or all, if fewer) of the gzip members in `data`.
+
+    Like `gzip.decompress` (several members, zero padding between them), but bounded.
+
+    Raises:
+        EOFError: the data end inside a member before `max_length` bytes came out.
+        zlib.error: corrupt data or a CRC/length mismatch.
+    """
+    parts: list[bytes] = []
+    total = 0
+    while total < max_length:
+        member = zlib.decompressobj(31)
+        parts.append(member.decompress(data, max_length - total))
+        total += len(parts[-1])
+        if total >= max_length:
+            break
+        if not member.eof:
+            raise EOFError("gzip data end inside a member")
+        data = member.unused_data.lstrip(b"\0")
+        if not data:
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _array_view(proxy: object, raw: bytes) -> np.ndarray | None:
@@ -357,9 +399,11 @@ def convert_case(source: CaseSource, store: Path, options: ConvertOptions) -> Ca
     """Convert one case into `store`; never raises for bad input (returns a failed result)."""
     start = time.perf_counter()
     final = store / "cases" / source.case_id
-    if (final / "zarr.json").is_file():
+    if final.is_dir() and case_problem(final) is None:
         return CaseResult(source.case_id, "skipped")
-    staging = store / ".staging" / source.case_id
+    staging_root = Path(options.staging) if options.staging else store / ".staging" / str(
+        os.getpid())
+    staging = staging_root / source.case_id
     try:
         if source.problem is not None:
             raise CaseError(source.case_id, source.problem_file, source.problem)
@@ -406,6 +450,8 @@ def convert_case(source: CaseSource, store: Path, options: ConvertOptions) -> Ca
         staging.parent.mkdir(parents=True, exist_ok=True)
         write_case_group(staging, image, labels, attrs, options)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # an incomplete leftover (complete cases were skipped above)
+            shutil.rmtree(final)
         os.rename(staging, final)  # atomic on one file system: the case appears complete
         return CaseResult(source.case_id, "converted", time.perf_counter() - start,
                           tuple(image.shape))

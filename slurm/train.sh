@@ -7,6 +7,13 @@
 # Preemption and time limits: SLURM sends SIGUSR1 to every task 300 s before the limit
 # (--signal); the run saves a checkpoint and exits with code 3, and this script requeues the
 # job, which resumes from that checkpoint (same job id, same OUT, same log file).
+#
+# MTCMKD_ARGS holds extra `mtcmkd train` options, e.g.
+#   MTCMKD_ARGS='--set data.patch_size=[64,64,64] --set "train.note=two words"'
+# It is split like a shell command line (quotes and backslashes honoured, by Python's
+# shlex.split) but nothing in it is expanded or run: no globbing (a file named `6` in the
+# submit folder cannot turn [64,64,64] into 6), no $VAR, no $(...). Unbalanced quotes stop the
+# job with `error: MTCMKD_ARGS: ...` (exit 2) before anything starts.
 #SBATCH --job-name=mtcmkd
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
@@ -23,7 +30,21 @@ CONFIG=${CONFIG:-${1:-configs/mtcmkd.yaml}}
 STORE=${STORE:-${2:?usage: sbatch slurm/train.sh CONFIG STORE [OUT]}}
 OUT=${OUT:-${3:-runs/${SLURM_JOB_NAME:-mtcmkd}-${SLURM_JOB_ID:-local}}}
 PYTHON=${MTCMKD_PYTHON:-python}          # e.g. /path/to/.venv/bin/python
-EXTRA_ARGS=${MTCMKD_ARGS:-}              # e.g. "--set train.epochs=50"
+
+# MTCMKD_ARGS -> one array element per word (see the header), NUL-separated so any character
+# but NUL survives; `wait $!` collects the parser's exit status from the process substitution.
+EXTRA_ARGS=()
+if [ -n "${MTCMKD_ARGS:-}" ]; then
+    mapfile -d '' -t EXTRA_ARGS < <("${PYTHON}" -c '
+import shlex, sys
+try:
+    words = shlex.split(sys.argv[1])
+except ValueError as exc:
+    sys.exit(f"error: MTCMKD_ARGS: {exc} in {sys.argv[1]!r}")
+sys.stdout.write("".join(word + "\0" for word in words))
+' "${MTCMKD_ARGS}")
+    wait $! || exit 2
+fi
 
 # Rendezvous on the first node of the allocation; a port derived from the job id.
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
@@ -33,17 +54,16 @@ MASTER_PORT=$((20000 + (${SLURM_JOB_ID} * 7 + ${SLURM_RESTART_COUNT:-0}) % 20000
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
-RESUME=""
+RESUME=()
 if [ -f "${OUT}/checkpoints/latest" ]; then
-    RESUME="--resume"
+    RESUME=(--resume)
 fi
 echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS} tasks on" \
-     "${SLURM_JOB_NUM_NODES} node(s), master ${MASTER_ADDR}:${MASTER_PORT}, out ${OUT} ${RESUME}"
+     "${SLURM_JOB_NUM_NODES} node(s), master ${MASTER_ADDR}:${MASTER_PORT}, out ${OUT} ${RESUME[*]}"
 
 set +e
-# shellcheck disable=SC2086
 srun --kill-on-bad-exit=1 "${PYTHON}" -m mtcmkd train --config "${CONFIG}" --store "${STORE}" \
-    --out "${OUT}" ${RESUME} ${EXTRA_ARGS}
+    --out "${OUT}" "${RESUME[@]}" "${EXTRA_ARGS[@]}"
 rc=$?
 set -e
 # Exit code 3 means "checkpoint saved after the warning, requeue me". With --kill-on-bad-exit,

@@ -1,13 +1,16 @@
 // mtcmkd_segment: segment one NIfTI volume with an exported mtcmkd student, without Python.
 //
 //   mtcmkd_segment MODULE.pt INPUT.nii[.gz] OUTPUT.nii[.gz] [--threads N] [--quiet]
+//                  [--max-voxels N]
 //
 // MODULE.pt is written by `mtcmkd export torchscript`; it carries the whole inference (brain
 // crop, z-score, sliding window, label values), so this program only moves voxels between
 // NIfTI files and the module: read the student's modality (e.g. T1ce) as float32 with
 // scl_slope/scl_inter applied, call forward() on (1, 1, X, Y, Z) in the file's voxel order,
 // write the uint8 label map with the input's header. Exit codes: 0 done, 1 the module failed
-// on this input, 2 bad arguments or unreadable files.
+// on this input, 2 bad arguments or unreadable files. Every error is one line on stderr,
+// `error: <path>: <reason>`; none escapes as an abort. --max-voxels raises the header check's
+// voxel limit (default 2^31), which refuses corrupt headers before anything is allocated.
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
@@ -15,6 +18,7 @@
 #include <ctime>
 #include <cstdlib>
 #include <iostream>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -27,7 +31,7 @@ constexpr const char* kMetadataFile = "mtcmkd.json";
 int usage(const char* message) {
   std::cerr << "error: " << message << "\n"
             << "usage: mtcmkd_segment MODULE.pt INPUT.nii[.gz] OUTPUT.nii[.gz] "
-               "[--threads N] [--quiet]\n";
+               "[--threads N] [--quiet] [--max-voxels N]\n";
   return 2;
 }
 
@@ -58,9 +62,10 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run(int argc, char** argv) {
   std::vector<std::string> positional;
   int threads = 0;
+  std::int64_t max_voxels = nifti::kMaxVoxels;
   bool quiet = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -68,6 +73,13 @@ int main(int argc, char** argv) {
       if (i + 1 >= argc) return usage("--threads needs a value");
       threads = std::atoi(argv[++i]);
       if (threads < 1) return usage("--threads must be >= 1");
+    } else if (arg == "--max-voxels") {
+      if (i + 1 >= argc) return usage("--max-voxels needs a value");
+      char* end = nullptr;
+      max_voxels = std::strtoll(argv[++i], &end, 10);
+      if (end == argv[i] || *end != '\0' || max_voxels < 1) {
+        return usage("--max-voxels must be a positive integer");
+      }
     } else if (arg == "--quiet") {
       quiet = true;
     } else if (arg == "-h" || arg == "--help") {
@@ -119,9 +131,15 @@ int main(int argc, char** argv) {
 
   nifti::Volume volume;
   try {
-    volume = nifti::read(input_path);
+    volume = nifti::read(input_path, max_voxels);
   } catch (const nifti::NiftiError& e) {
     std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "error: " << input_path << ": not enough memory to read the volume\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << input_path << ": " << short_error(e.what()) << "\n";
     return 2;
   }
 
@@ -163,6 +181,9 @@ int main(int argc, char** argv) {
   } catch (const nifti::NiftiError& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << output_path << ": " << short_error(e.what()) << "\n";
+    return 2;
   }
   if (!quiet) {
     std::size_t counts[256] = {0};
@@ -176,4 +197,19 @@ int main(int argc, char** argv) {
     std::cout << "\n";
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  // Last line of defence: whatever escapes (std::bad_alloc, a libtorch error outside the
+  // guarded calls) is still one line and an exit code, never std::terminate's abort.
+  try {
+    return run(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "error: not enough memory\n";
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << short_error(e.what()) << "\n";
+  } catch (...) {
+    std::cerr << "error: unexpected failure\n";
+  }
+  return 1;
 }

@@ -28,6 +28,7 @@ constexpr int kCalMin = 128;
 constexpr int kMagic = 344;
 constexpr int kHeaderSize = 348;
 constexpr int kDataOffset = 352;  // header + 4-byte extension flag
+constexpr std::int64_t kMaxVoxOffset = std::int64_t{1} << 30;  // nifti_header.MAX_VOX_OFFSET
 
 template <typename T>
 T swap_bytes(T value) {
@@ -66,6 +67,42 @@ void read_exact(gzFile file, void* out, std::size_t size, const std::string& pat
   }
 }
 
+// Skips `size` bytes (header extensions) through a small buffer: a corrupt vox_offset must not
+// size an allocation.
+void skip_exact(gzFile file, std::size_t size, const std::string& path) {
+  char buffer[1 << 16];
+  while (size > 0) {
+    const std::size_t chunk = std::min(size, sizeof(buffer));
+    read_exact(file, buffer, chunk, path, "header extensions");
+    size -= chunk;
+  }
+}
+
+// Reads the `size` bytes of voxel data, growing the buffer as data arrive (at most doubling),
+// so a truncated file whose header claims gigabytes fails after allocating about what it
+// holds; a complete file ends in one buffer of exactly `size` bytes.
+std::vector<char> read_growing(gzFile file, std::size_t size, const std::string& path,
+                               const std::string& declared) {
+  constexpr std::size_t kFirst = std::size_t{1} << 24;
+  std::vector<char> raw;
+  raw.reserve(std::min(size, kFirst));
+  std::size_t done = 0;
+  while (done < size) {
+    if (done == raw.capacity()) raw.reserve(std::min(size, std::max(kFirst, 2 * done)));
+    const std::size_t want = std::min<std::size_t>(raw.capacity() - done, 1u << 30);
+    raw.resize(done + want);
+    const int got = gzread(file, raw.data() + done, static_cast<unsigned>(want));
+    if (got <= 0) {
+      throw NiftiError(path + ": file ends inside the voxel data (truncated?): the header "
+                       "declares " + declared + ", " + std::to_string(size) + " bytes, the "
+                       "file holds " + std::to_string(done));
+    }
+    done += static_cast<std::size_t>(got);
+    raw.resize(done);
+  }
+  return raw;
+}
+
 template <typename T>
 void convert(const std::vector<char>& raw, bool swapped, std::vector<float>& out, double slope,
              double inter, bool scale) {
@@ -94,7 +131,7 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 }  // namespace
 
-Volume read(const std::string& path) {
+Volume read(const std::string& path, std::int64_t max_voxels) {
   gzFile file = gzopen(path.c_str(), "rb");
   if (!file) throw NiftiError(path + ": cannot open (no such file or no permission)");
   std::unique_ptr<gzFile_s, GzCloser> guard(file);
@@ -137,27 +174,50 @@ Volume read(const std::string& path) {
   vol.datatype = get<std::int16_t>(vol.header, kDatatype, s);
 
   std::size_t bytes_per_voxel = 0;
+  const char* dtype_name = "";
   switch (vol.datatype) {
-    case 2: case 256: bytes_per_voxel = 1; break;         // uint8, int8
-    case 4: case 512: bytes_per_voxel = 2; break;         // int16, uint16
-    case 8: case 16: case 768: bytes_per_voxel = 4; break;  // int32, float32, uint32
-    case 64: bytes_per_voxel = 8; break;                  // float64
+    case 2: bytes_per_voxel = 1; dtype_name = "uint8"; break;
+    case 256: bytes_per_voxel = 1; dtype_name = "int8"; break;
+    case 4: bytes_per_voxel = 2; dtype_name = "int16"; break;
+    case 512: bytes_per_voxel = 2; dtype_name = "uint16"; break;
+    case 8: bytes_per_voxel = 4; dtype_name = "int32"; break;
+    case 16: bytes_per_voxel = 4; dtype_name = "float32"; break;
+    case 768: bytes_per_voxel = 4; dtype_name = "uint32"; break;
+    case 64: bytes_per_voxel = 8; dtype_name = "float64"; break;
     default:
       throw NiftiError(path + ": unsupported NIfTI datatype " + std::to_string(vol.datatype) +
                        " (supported: uint8, int8, int16, uint16, int32, uint32, float32, "
                        "float64)");
   }
 
+  // Every size is checked before anything is allocated: a corrupt header must fail with a
+  // message, not with std::bad_alloc or a multi-GB allocation (the limits of
+  // mtcmkd/nifti_header.py).
   const float vox_offset = get<float>(vol.header, kVoxOffset, s);
-  if (!(vox_offset >= kHeaderSize)) {
-    throw NiftiError(path + ": bad vox_offset " + std::to_string(vox_offset));
+  if (!std::isfinite(vox_offset) || vox_offset < kHeaderSize ||
+      vox_offset > static_cast<float>(kMaxVoxOffset) ||
+      vox_offset != std::floor(vox_offset)) {
+    char shown[32];
+    std::snprintf(shown, sizeof(shown), "%g", static_cast<double>(vox_offset));
+    throw NiftiError(path + ": bad vox_offset " + shown +
+                     " (not a byte offset in " + std::to_string(kHeaderSize) + ".." +
+                     std::to_string(kMaxVoxOffset) + ")");
   }
-  std::vector<char> skip(static_cast<std::size_t>(vox_offset) - kHeaderSize);
-  if (!skip.empty()) read_exact(file, skip.data(), skip.size(), path, "header extensions");
+  const std::string declared = std::to_string(vol.nx) + "x" + std::to_string(vol.ny) + "x" +
+                               std::to_string(vol.nz) + " " + dtype_name;
+  std::int64_t n_voxels = 0;
+  std::size_t n_bytes = 0;
+  if (__builtin_mul_overflow(vol.nx, vol.ny, &n_voxels) ||
+      __builtin_mul_overflow(n_voxels, vol.nz, &n_voxels) || n_voxels > max_voxels ||
+      __builtin_mul_overflow(static_cast<std::size_t>(n_voxels), bytes_per_voxel, &n_bytes)) {
+    throw NiftiError(path + ": header declares " + declared + " = " +
+                     std::to_string(vol.nx * vol.ny * vol.nz) + " voxels, above the limit of " +
+                     std::to_string(max_voxels) + " voxels (--max-voxels)");
+  }
+  skip_exact(file, static_cast<std::size_t>(vox_offset) - kHeaderSize, path);
 
-  const std::size_t n = static_cast<std::size_t>(vol.nx * vol.ny * vol.nz);
-  std::vector<char> raw(n * bytes_per_voxel);
-  read_exact(file, raw.data(), raw.size(), path, "voxel data");
+  const std::size_t n = static_cast<std::size_t>(n_voxels);
+  const std::vector<char> raw = read_growing(file, n_bytes, path, declared);
 
   // NIfTI: scl_slope 0 (or not finite) means "no scaling"; nibabel treats it the same way.
   const double slope = get<float>(vol.header, kSclSlope, s);

@@ -29,9 +29,14 @@ struct Volume {
   std::vector<float> voxels;
 };
 
+// Most voxels a header may declare before anything is allocated (mtcmkd/nifti_header.py's
+// MAX_VOXELS: 2^31, about 1290^3; a BraTS volume has 9e6).
+constexpr std::int64_t kMaxVoxels = std::int64_t{1} << 31;
+
 // Reads a 3D volume (or 4D with one time point). gzip is detected from the content, not the
-// name. Throws NiftiError.
-Volume read(const std::string& path);
+// name. The header is checked before any allocation: more than `max_voxels` voxels, a
+// vox_offset that is not a sane byte offset, or data shorter than declared throw NiftiError.
+Volume read(const std::string& path, std::int64_t max_voxels = kMaxVoxels);
 
 // Writes a uint8 label map (x fastest, nx*ny*nz values) with `reference`'s header: datatype
 // uint8, bitpix 8, 3D dims, scl_slope 1 / scl_inter 0, cal_min/cal_max 0, no extensions.

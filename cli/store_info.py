@@ -17,17 +17,24 @@ fail = failer("store-info")
 
 
 def store_summary(path: Path) -> dict:
-    """Plain-dict summary of a store (no mtcmkd needed to read the store itself)."""
-    from mtcmkd.data import open_store
+    """Plain-dict summary of a store (no mtcmkd needed to read the store itself).
+
+    Raises:
+        FileNotFoundError, StoreFormatError: not a store, malformed root attributes, or an
+            incomplete case (checked up front, before any case is read).
+    """
+    from mtcmkd.data import StoreInfo, check_store_complete, open_store
 
     root = open_store(path)
+    StoreInfo.from_group(root)  # the root attributes and their case ids are well formed
+    check_store_complete(path)
     attrs = dict(root.attrs)
     cases = root["cases"]
     shapes, releases, et_cases = [], Counter(), 0
     for cid in attrs["cases"]:
         g = cases[cid]
         shapes.append(g["image"].shape[1:])
-        releases[g.attrs["release"]] += 1
+        releases[g.attrs.get("release", "?")] += 1
         if "label" in g and g["foreground"]["ET"].shape[0] > 0:
             et_cases += 1
     first = cases[attrs["cases"][0]]["image"] if attrs["cases"] else None
@@ -41,7 +48,7 @@ def store_summary(path: Path) -> dict:
         "cases_with_et": et_cases,
         "releases": dict(releases),
         "folds": [sizes.get(k, 0) for k in range(attrs["folds"]["n_folds"])],
-        "image_dtype": attrs["image_dtype"],
+        "image_dtype": attrs.get("image_dtype"),
         "chunks": list(first.chunks) if first is not None else None,
         "mean_cropped_shape": np.mean(shapes, axis=0).round(1).tolist() if shapes else None,
         "size_mb": round(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -119,20 +119,30 @@ def synthesize(out: Path, *, n_cases: int, layout: str = "2021",
         raise ValueError("--cases must be >= 1")
     if any(s < 16 for s in shape):
         raise ValueError(f"--shape {shape}: every dimension must be >= 16 voxels")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is a file, not a folder")
+    if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not an empty folder")
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        # e.g. OUT under a file, or in a read-only folder: one line, nothing written
+        raise FileExistsError(f"{out}: cannot create the folder ({exc.strerror})") from None
     ids = []
-    for index in range(n_cases):
-        case = make_case(tuple(shape), seed, index, use_template=use_template)
-        ids.append(write_case(partial, info, index, case))
-        if on_case is not None:
-            on_case(ids[-1])
-    if info.four_d:
-        _msd_dataset_json(partial, ids)
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
+    try:
+        for index in range(n_cases):
+            case = make_case(tuple(shape), seed, index, use_template=use_template)
+            ids.append(write_case(partial, info, index, case))
+            if on_case is not None:
+                on_case(ids[-1])
+        if info.four_d:
+            _msd_dataset_json(partial, ids)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise FileExistsError(f"{out}: cannot write the dataset ({exc.strerror})") from None
     return ids

@@ -4,7 +4,11 @@ Layouts handled (docs/BRATS.md of the shared docs): 2018/2019 `{HGG,LGG}/<case>/
 2020/2021 `<case>/`, 2023+ `BraTS-GLI-xxxxx-xxx/` with t1n/t1c/t2w/t2f suffixes, MSD Task01
 4D `imagesTr/` + `labelsTr/`; `.nii` or `.nii.gz`; macOS `._*` side files are ignored.
 Problems found here (a missing modality, a duplicate case id) are attached to the case, so the
-driver reports them with the other per-case failures instead of stopping the run.
+driver reports them with the other per-case failures instead of stopping the run. Every entry
+of the tree that no case uses (a renamed copy of a case folder, a stray file, a hidden file) is
+returned with its reason (`scan_raw(...).not_taken`): nothing is skipped silently. Symbolic
+links to folders are followed, each real folder read once. A tree holding both MSD `imagesTr/`
+and BraTS case folders is refused unless `year` says which to read.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,38 +87,172 @@ def _brats_case(folder: Path, info: Release, files: list[str]) -> CaseSource:
     return case
 
 
-def _discover_msd(raw: Path) -> list[CaseSource]:
+@dataclass(frozen=True)
+class NotTaken:
+    """A file or folder of the raw tree that no case uses, and why (shown to the user)."""
+
+    path: Path
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": str(self.path), "reason": self.reason}
+
+
+@dataclass
+class RawScan:
+    """What a raw tree holds: the cases, and every entry that is not part of one."""
+
+    cases: list[CaseSource]
+    not_taken: list[NotTaken]
+
+
+@dataclass
+class RawFolder:
+    """One folder met by `walk_raw`: its sub-folders, NIfTI files and other files (names)."""
+
+    path: Path
+    subfolders: list[str]
+    niftis: list[str]
+    others: list[str]
+    empty: bool = False
+
+
+def walk_raw(root: Path, not_taken: list[NotTaken]) -> Iterator[RawFolder]:
+    """Every folder under `root` (itself first), depth first in name order.
+
+    Symbolic links to folders are followed (clusters often link case folders in from a shared
+    copy); a folder reached twice (a second link to it, or a link cycle) is read once and the
+    later path is recorded in `not_taken`, as are hidden entries (`.DS_Store`, macOS `._*`),
+    broken links and unreadable folders. Nothing is skipped without an entry in `not_taken`.
+    """
+    seen: dict[str, Path] = {}
+
+    def visit(folder: Path) -> Iterator[RawFolder]:
+        real = os.path.realpath(folder)
+        if real in seen:
+            not_taken.append(NotTaken(folder, f"same folder as {seen[real]} (a symbolic link); "
+                                              "read once"))
+            return
+        seen[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            not_taken.append(NotTaken(folder, f"cannot read the folder ({exc.strerror})"))
+            return
+        here = RawFolder(folder, [], [], [], empty=not entries)
+        for entry in entries:
+            path = folder / entry.name
+            if entry.name.startswith("."):
+                not_taken.append(NotTaken(path, "hidden entry (names starting with '.' are "
+                                                "ignored)"))
+            elif entry.is_dir():  # follows symbolic links
+                here.subfolders.append(entry.name)
+            elif entry.is_file():
+                (here.niftis if _is_nifti(entry.name) else here.others).append(entry.name)
+            elif entry.is_symlink():
+                not_taken.append(NotTaken(path, "broken symbolic link"))
+            else:
+                not_taken.append(NotTaken(path, "not a regular file or folder"))
+        yield here
+        for name in here.subfolders:
+            yield from visit(folder / name)
+
+    yield from visit(root)
+
+
+def _not_a_case_reason(folder: RawFolder, forced: Release | None) -> str:
+    """Why a folder holding NIfTI files is not read as a case, with what to do."""
+    name = folder.path.name
+    n = len(folder.niftis)
+    if name in ("imagesTr", "imagesTs", "labelsTr"):
+        if forced is not None:
+            return f"{n} NIfTI file(s) of an MSD {name}/ folder; not read with --year {forced.name}"
+        return (f"{n} NIfTI file(s) of an MSD {name}/ folder; MSD is read only from "
+                "RAW/imagesTr/ (+ RAW/labelsTr/): point preprocess at the folder holding it")
+    if forced is not None:
+        return (f"{n} NIfTI file(s) whose names do not start with the folder name {name!r} "
+                f"(--year {forced.name})")
+    reason = f"{n} NIfTI file(s), but the folder name {name!r} is not a BraTS case id"
+    for info in RELEASE_INFO.values():
+        found = re.match(info.case_pattern, name)
+        if found and not info.four_d:
+            return f"{reason} (it starts like {found.group(0)}: a copy? rename or remove it)"
+    if not name.isascii():
+        return f"{reason} (it holds non-ASCII characters)"
+    return f"{reason} (expected e.g. BraTS2021_00000 or BraTS-GLI-00000-000)"
+
+
+def _scan_brats_folder(folder: RawFolder, forced: Release | None, cases: list[CaseSource],
+                       not_taken: list[NotTaken]) -> None:
+    """Take `folder` as one BraTS case when it is one; record what is not taken."""
+    for name in folder.others:
+        not_taken.append(NotTaken(folder.path / name, "not a NIfTI file (.nii or .nii.gz)"))
+    if not folder.niftis:
+        if folder.empty:
+            not_taken.append(NotTaken(folder.path, "empty folder"))
+        return
+    info = forced or release_of_case_id(folder.path.name)
+    if (info is None or info.four_d
+            or (forced is not None and not any(f.startswith(folder.path.name)
+                                               for f in folder.niftis))):
+        not_taken.append(NotTaken(folder.path, _not_a_case_reason(folder, forced)))
+        return
+    case = _brats_case(folder.path, info, folder.niftis)
+    cases.append(case)
+    if case.problem is None:  # a failed case reports its own problem
+        used = {p.name for p in case.files.values()}
+        for name in folder.niftis:
+            if name not in used:
+                not_taken.append(NotTaken(folder.path / name,
+                                          f"not one of case {case.case_id}'s files"))
+
+
+def _scan_msd(raw: Path, not_taken: list[NotTaken]) -> list[CaseSource]:
     info = RELEASE_INFO["msd"]
     cases = []
+    images_of_labels: set[str] = set()
     for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("imagesTs", None)):
         d = raw / images_dir
         if not d.is_dir():
             continue
         for name in sorted(os.listdir(d)):
             if not _is_nifti(name):
-                continue
+                continue  # reported by the walk
             case_id = _strip_ext(name)
             case = CaseSource(case_id=case_id, release=info.name, folder=d)
             case.files["image"] = d / name
+            if labels_dir is not None:
+                images_of_labels.add(name)
             if labels_dir is not None and (raw / labels_dir / name).is_file():
                 case.files["seg"] = raw / labels_dir / name
             elif labels_dir is not None:
                 case.problem = f"missing label file {labels_dir}/{name}"
                 case.problem_file = raw / labels_dir / name
             cases.append(case)
+    labels = raw / "labelsTr"
+    if labels.is_dir():
+        for name in sorted(os.listdir(labels)):
+            if _is_nifti(name) and name not in images_of_labels:
+                not_taken.append(NotTaken(labels / name, f"label without an image "
+                                                         f"(no imagesTr/{name})"))
     return cases
 
 
-def discover_cases(raw: Path, year: str | None = None) -> list[CaseSource]:
-    """All cases under `raw`, sorted by case id.
+def scan_raw(raw: Path, year: str | None = None) -> RawScan:
+    """The cases under `raw` and every entry of the tree that is not part of a case.
+
+    The one discovery of raw trees: `mtcmkd preprocess` and the prediction inputs use it, so a
+    folder is never dropped without a reason (`RawScan.not_taken`).
 
     Args:
         raw: the folder as distributed (or any parent of the case folders).
         year: force a release ("2018" ... "2023", "msd"); by default each case folder's name
-            decides, so mixed trees work.
+            decides, so trees mixing BraTS releases work. MSD (`RAW/imagesTr/`) is read when
+            forced or when `RAW/imagesTr` or `RAW/imagesTs` exists.
 
     Raises:
-        DatasetError: `raw` is missing, not a folder, or holds no recognisable BraTS case.
+        DatasetError: `raw` is missing, not a folder, holds no recognisable BraTS case, or
+            holds both MSD folders and BraTS case folders without `year` saying which to read.
     """
     raw = Path(raw)
     if not raw.exists():
@@ -121,25 +260,32 @@ def discover_cases(raw: Path, year: str | None = None) -> list[CaseSource]:
     if not raw.is_dir():
         raise DatasetError(f"{raw}: not a folder")
     forced = release(year) if year is not None else None
+    msd_dirs = {raw / name for name in ("imagesTr", "imagesTs", "labelsTr")
+                if (raw / name).is_dir()}
+    read_msd = forced.four_d if forced is not None else bool(
+        msd_dirs - {raw / "labelsTr"})
 
-    if (forced is not None and forced.four_d) or (
-        forced is None and ((raw / "imagesTr").is_dir() or (raw / "imagesTs").is_dir())
-    ):
-        cases = _discover_msd(raw)
+    not_taken: list[NotTaken] = []
+    brats: list[CaseSource] = []
+    for folder in walk_raw(raw, not_taken):
+        if read_msd and folder.path in msd_dirs:
+            for name in folder.others:
+                not_taken.append(NotTaken(folder.path / name, "not a NIfTI file (.nii or .nii.gz)"))
+            continue
+        _scan_brats_folder(folder, None if read_msd else forced, brats, not_taken)
+
+    if read_msd:
+        if brats and forced is None:
+            raise DatasetError(
+                f"{raw}: holds both an MSD imagesTr/ folder and BraTS case folders (e.g. "
+                f"{brats[0].folder.relative_to(raw)}); pass --year msd or --year <release> "
+                "to read one of them, or split the folder")
+        for case in brats:
+            not_taken.append(NotTaken(case.folder, "a BraTS case folder; not read with "
+                                                   "--year msd"))
+        cases = _scan_msd(raw, not_taken)
     else:
-        cases = []
-        for dirpath, dirnames, filenames in os.walk(raw):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            niftis = sorted(f for f in filenames if _is_nifti(f))
-            if not niftis:
-                continue
-            folder = Path(dirpath)
-            info = forced or release_of_case_id(folder.name)
-            if info is None or info.four_d:
-                continue
-            if forced is not None and not any(f.startswith(folder.name) for f in niftis):
-                continue
-            cases.append(_brats_case(folder, info, niftis))
+        cases = brats
 
     if not cases:
         what = f"BraTS {forced.name}" if forced else "BraTS (any release)"
@@ -155,9 +301,16 @@ def discover_cases(raw: Path, year: str | None = None) -> list[CaseSource]:
             for case in same:
                 case.problem = f"duplicate case id {case_id} (found in {places})"
                 case.problem_file = case.folder
-    return sorted(cases, key=lambda c: (c.case_id, str(c.folder)))
+    not_taken.sort(key=lambda e: str(e.path))
+    return RawScan(sorted(cases, key=lambda c: (c.case_id, str(c.folder))), not_taken)
 
 
-def is_valid_case_id(case_id: str) -> bool:
-    """Case ids become folder names in the store: keep them to a safe character set."""
-    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", case_id) is not None
+def discover_cases(raw: Path, year: str | None = None) -> list[CaseSource]:
+    """All cases under `raw`, sorted by case id (`scan_raw(raw, year).cases`).
+
+    Raises:
+        DatasetError: as `scan_raw`.
+    """
+    return scan_raw(raw, year).cases
+
+

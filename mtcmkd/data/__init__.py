@@ -13,8 +13,12 @@ from mtcmkd.data.store import (
     STORE_FORMAT_VERSION,
     StoreFormatError,
     StoreInfo,
+    check_store_complete,
+    incomplete_cases,
+    is_valid_case_id,
     open_store,
     split_cases,
+    store_fingerprint,
 )
 
 __all__ = [
@@ -24,10 +28,14 @@ __all__ = [
     "StoreFormatError",
     "StoreInfo",
     "augment_patch",
+    "check_store_complete",
     "finish_batch",
+    "incomplete_cases",
+    "is_valid_case_id",
     "open_store",
     "patch_bounds",
     "split_cases",
+    "store_fingerprint",
 ]
 
 _PATCH_NAMES = ("PatchDataset", "augment_patch", "finish_batch", "patch_bounds")

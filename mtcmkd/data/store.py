@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,18 @@ STORE_FORMAT_VERSION = 1
 
 class StoreFormatError(ValueError):
     """The path exists but is not an mtcmkd store this version of the code can read."""
+
+
+_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def is_valid_case_id(case_id: object) -> bool:
+    """Case ids become folder names in the store: a string of a safe character set.
+
+    Letters, digits, `_`, `.` and `-`, not starting with `.` or `-` (so never `..`, a hidden
+    name or a path).
+    """
+    return isinstance(case_id, str) and _CASE_ID.fullmatch(case_id) is not None
 
 
 def open_store(path: str | Path) -> zarr.Group:
@@ -68,6 +81,12 @@ def open_store(path: str | Path) -> zarr.Group:
         raise StoreFormatError(
             f"{path}: store format_version={found_version!r}, this code reads version "
             f"{STORE_FORMAT_VERSION}; re-run `mtcmkd preprocess` with this version of mtcmkd"
+        )
+    if "cases" not in group.attrs:
+        # `preprocess` marks a new store first and writes the other root attributes last.
+        raise StoreFormatError(
+            f"{path}: the store was never finished (its first `mtcmkd preprocess` run was "
+            f"interrupted); re-run `mtcmkd preprocess RAW {path}`"
         )
     return group
 
@@ -122,6 +141,20 @@ class StoreInfo:
                 f"{where}: malformed root attributes ({type(err).__name__}: {err}); "
                 "see docs/STORE.md for the expected keys"
             ) from err
+        for key in ("cases", "labelled_cases"):
+            # A string is iterable too: "cases": "abc" would read as three cases.
+            if not isinstance(attrs[key], list):
+                raise StoreFormatError(
+                    f"{where}: malformed root attributes ({key} is a "
+                    f"{type(attrs[key]).__name__}, not a list); see docs/STORE.md"
+                )
+        bad = [c for key in ("cases", "labelled_cases") for c in attrs[key]
+               if not is_valid_case_id(c)]
+        if bad:
+            raise StoreFormatError(
+                f"{where}: invalid case id(s) in the root attributes: {bad[:3]!r} (expected "
+                "names like BraTS2021_00000); re-run `mtcmkd preprocess` into a new store"
+            )
         unassigned = [c for c in info.labelled_cases if c not in info.folds]
         if unassigned:
             raise StoreFormatError(
@@ -164,36 +197,55 @@ def split_cases(info: StoreInfo, fold: int) -> tuple[list[str], list[str]]:
 
 
 def incomplete_cases(path: str | Path) -> dict[str, str]:
-    """Cases under `path/cases/` that are not completely written, with the reason for each.
+    """Cases of the store at `path` that are not completely written, with the reason for each.
 
     A case is complete when its group carries its attributes (written last by `preprocess`)
     and every array the attributes promise has its metadata and its data: `image`, and for a
-    labelled case `label` and `foreground/{WT,TC,ET}`. Only the file system is inspected, so
-    this is cheap (no chunk is decompressed).
+    labelled case `label` and `foreground/{WT,TC,ET}`. A case listed in the root attribute
+    `cases` without its folder is incomplete too, as is a case folder whose name is not a
+    valid case id. Only the file system is inspected, so this is cheap (no chunk is
+    decompressed).
 
     Returns:
-        case id -> one-line reason, for every incomplete case; empty when all are complete.
+        case id -> one-line reason, for every incomplete case, sorted by id; empty when all
+        are complete.
     """
-    cases_dir = Path(path) / "cases"
+    path = Path(path)
+    cases_dir = path / "cases"
     problems: dict[str, str] = {}
-    if not cases_dir.is_dir():
-        return problems
-    for case_dir in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
-        reason = _case_problem(case_dir)
-        if reason is not None:
-            problems[case_dir.name] = reason
-    return problems
+    if cases_dir.is_dir():
+        for case_dir in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
+            reason = (case_problem(case_dir) if is_valid_case_id(case_dir.name)
+                      else "not a valid case id (a stray folder)")
+            if reason is not None:
+                problems[case_dir.name] = reason
+    listed = _root_attributes(path).get("cases")
+    for cid in listed if isinstance(listed, list) else []:
+        if is_valid_case_id(cid) and not (cases_dir / cid).is_dir():
+            problems[cid] = "listed in the root attributes but its folder is missing"
+    return dict(sorted(problems.items()))
 
 
-def _case_problem(case_dir: Path) -> str | None:
+def _root_attributes(path: Path) -> dict[str, Any]:
+    """The root group's attributes as written, or {} when unreadable (checked elsewhere)."""
+    try:
+        doc = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def case_problem(case_dir: Path) -> str | None:
+    """Why the case group at `case_dir` is incomplete, or None when it is complete."""
     meta = case_dir / "zarr.json"
     if not meta.is_file():
         return "no zarr.json"
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, AttributeError) as err:
         return f"unreadable zarr.json ({err})"
-    if attrs.get("case_id") != case_dir.name:
+    if not isinstance(attrs, dict) or attrs.get("case_id") != case_dir.name:
         return "group attributes missing (the case was never finished)"
     # A foreground array of an empty region (a case without ET) holds no chunk: metadata only.
     arrays = {"image": True}

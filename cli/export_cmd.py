@@ -89,9 +89,13 @@ def export_torchscript_cmd(
     if not verify:
         return
 
-    with console.status("verifying") as status:
-        cases = verify_export(result.path, result.bundle,
-                              progress=lambda msg: status.update(f"verifying {msg}"))
+    try:
+        with console.status("verifying") as status:
+            cases = verify_export(result.path, result.bundle,
+                                  progress=lambda msg: status.update(f"verifying {msg}"))
+    except ExportError as exc:  # the reloaded file is unreadable or fails its digest
+        result.path.unlink(missing_ok=True)
+        fail(f"{exc}; file removed", code=1)
     table = Table(title="verification: reloaded file vs eager predict_volume")
     for column in ("volume", "max |dp|", "labels", "exported s", "eager s"):
         table.add_column(column, justify="right")

@@ -23,6 +23,10 @@ def train(
         "--set", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the newest complete checkpoint of --out.")] = False,
+    memory_check: Annotated[bool, typer.Option(
+        "--memory-check/--no-memory-check",
+        help="Refuse a patch size x batch whose estimated memory exceeds what is free.")
+    ] = True,
     local_rank: Annotated[int | None, typer.Option(
         "--local_rank", "--local-rank", hidden=True,
         help="Set by the deepspeed launcher; LOCAL_RANK is used instead.")] = None,
@@ -60,7 +64,7 @@ def train(
             console.print(msg, highlight=False, soft_wrap=True)
 
     try:
-        summary = run_train(cfg, out, resume=resume, echo=echo)
+        summary = run_train(cfg, out, resume=resume, memory_check=memory_check, echo=echo)
     except (TrainError, CheckpointError, StoreFormatError) as exc:
         fail(str(exc))
     write_summary(out, summary)

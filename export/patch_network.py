@@ -23,6 +23,7 @@ import torch
 
 from mtcmkd import __version__
 from mtcmkd.atomic import atomic_output
+from mtcmkd.integrity import WEIGHTS_DIGEST_KEY, warn_unverified, weights_digest
 from mtcmkd.student_weights import StudentBundle
 
 from .source import ExportError, VerificationError, frozen_network, load_export_source
@@ -151,7 +152,9 @@ def export_pt2(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out, suffix=".pt2") as tmp:
-        torch.export.save(program, str(tmp), extra_files={PT2_METADATA_FILE: json.dumps(metadata)})
+        torch.export.save(program, str(tmp), extra_files={
+            PT2_METADATA_FILE: json.dumps(metadata),
+            WEIGHTS_DIGEST_KEY: weights_digest(program.state_dict)})
     parity: dict[tuple[int, ...], float] = {}
     if check:
         module, _ = load_pt2(out)
@@ -166,9 +169,20 @@ def export_pt2(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
 
 def load_pt2(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Reload a ``.pt2`` export as a callable module plus its metadata."""
-    extra = {PT2_METADATA_FILE: ""}
+    """Reload a ``.pt2`` export as a callable module plus its metadata.
+
+    Raises:
+        ExportError: the weights differ from the digest recorded at export (a damaged file).
+            A file exported before digests existed loads with a one-line warning.
+    """
+    extra = {PT2_METADATA_FILE: "", WEIGHTS_DIGEST_KEY: ""}
     program = torch.export.load(str(path), extra_files=extra)
+    recorded = str(extra[WEIGHTS_DIGEST_KEY] or "").strip()
+    if not recorded:
+        warn_unverified(path, ".pt2 export")
+    elif weights_digest(program.state_dict) != recorded:
+        raise ExportError(f"{path}: weights do not match the digest recorded at export "
+                          f"({WEIGHTS_DIGEST_KEY}; damaged or modified file); export it again")
     return program.module(), json.loads(extra[PT2_METADATA_FILE] or "{}")
 
 

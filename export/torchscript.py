@@ -12,7 +12,9 @@ deployment gives the labels the evaluation measured:
 
 ``probabilities(x)`` returns the WT/TC/ET probabilities (1, 3, D, H, W) float32 of the same run
 (0 outside the brain box). What the file holds is described in ``export/README.md``; the
-metadata travels inside it as the extra file :data:`METADATA_FILE` (JSON).
+metadata travels inside it as the extra file :data:`METADATA_FILE` (JSON), and the
+:func:`~mtcmkd.integrity.weights_digest` of the scripted module's ``state_dict()`` as the extra
+file ``weights_sha256``, checked by :func:`load_exported` (and by the C++ client).
 
 TorchScript is deprecated in PyTorch 2.x but still the only format that ``torch::jit::load``
 reads from C++ with dynamic control flow (the window loop depends on the volume size); the
@@ -45,6 +47,7 @@ from mtcmkd.inference import (
     probabilities_to_labels,
     to_release_labels,
 )
+from mtcmkd.integrity import WEIGHTS_DIGEST_KEY, warn_unverified, weights_digest
 from mtcmkd.student_weights import StudentBundle, resolve_student_path
 
 from .source import ExportError, frozen_network, load_export_source
@@ -302,8 +305,10 @@ def export_torchscript(source: str | os.PathLike[str], out: str | os.PathLike[st
                           f"({first})") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    extra = {METADATA_FILE: json.dumps(metadata),
+             WEIGHTS_DIGEST_KEY: weights_digest(scripted.state_dict())}
     with atomic_output(out) as tmp, _quiet_jit():
-        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        torch.jit.save(scripted, str(tmp), _extra_files=extra)
     return ExportResult(path=out, metadata=metadata, bundle=bundle)
 
 
@@ -311,12 +316,14 @@ def load_exported(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule,
     """Load an exported file (CPU) and its metadata, the way a deployment does.
 
     Raises:
-        ExportError: the file is missing, not TorchScript, or has no mtcmkd metadata.
+        ExportError: the file is missing, not TorchScript, has no mtcmkd metadata, or holds
+            weights that differ from its recorded digest (a damaged file). A file exported
+            before digests existed loads with a one-line warning.
     """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such exported file")
-    extra = {METADATA_FILE: ""}
+    extra = {METADATA_FILE: "", WEIGHTS_DIGEST_KEY: ""}
     try:
         with _quiet_jit():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
@@ -332,6 +339,14 @@ def load_exported(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule,
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ExportError(f"{path}: TorchScript file without mtcmkd export metadata "
                           f"({METADATA_FILE})")
+    raw_digest = extra[WEIGHTS_DIGEST_KEY]
+    recorded = (raw_digest.decode("utf-8", "replace") if isinstance(raw_digest, bytes)
+                else str(raw_digest)).strip()
+    if not recorded:
+        warn_unverified(path, "TorchScript export")
+    elif weights_digest(module.state_dict()) != recorded:
+        raise ExportError(f"{path}: weights do not match the digest recorded at export "
+                          f"({WEIGHTS_DIGEST_KEY}; damaged or modified file); export it again")
     return module, metadata
 
 

@@ -6,7 +6,9 @@
     format "mtcmkd-student", format_version 1, state_dict (the student network),
     config (the run's resolved config as plain dicts), config_hash, channels (student
     modalities, e.g. ["t1ce"]), n_out, output ("softmax" or "regions"), patch_size,
-    val_dice ({"WT": .., "TC": .., "ET": ..} or {}), step, epoch, mtcmkd_version.
+    val_dice ({"WT": .., "TC": .., "ET": ..} or {}), step, epoch, mtcmkd_version,
+    weights_sha256 (:func:`mtcmkd.integrity.weights_digest` of state_dict, verified at every
+    load; absent in files written before it existed, which load with a one-line warning).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from torch import nn
 
 from mtcmkd import __version__
 from mtcmkd.atomic import atomic_output
+from mtcmkd.integrity import (
+    WEIGHTS_DIGEST_KEY,
+    WeightsIntegrityError,
+    warn_unverified,
+    weights_digest,
+)
 
 FORMAT = "mtcmkd-student"
 FORMAT_VERSION = 1
@@ -40,11 +48,12 @@ def save_student(path: Path, network: nn.Module, *, config: dict, config_hash: s
                  patch_size: tuple[int, int, int], val_dice: dict[str, float] | None = None,
                  step: int = 0, epoch: int = 0) -> None:
     """Write the file atomically (temporary name, then rename)."""
+    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+             for k, v in network.state_dict().items()}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "state_dict": {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
-                       for k, v in network.state_dict().items()},
+        "state_dict": state,
         "config": config,
         "config_hash": config_hash,
         "channels": list(channels),
@@ -55,6 +64,7 @@ def save_student(path: Path, network: nn.Module, *, config: dict, config_hash: s
         "step": int(step),
         "epoch": int(epoch),
         "mtcmkd_version": __version__,
+        WEIGHTS_DIGEST_KEY: weights_digest(state),
     }
     with atomic_output(path) as tmp:
         torch.save(payload, tmp)
@@ -79,7 +89,9 @@ def load_student(path: Path) -> StudentBundle:
 
     Raises:
         FileNotFoundError: nothing there. ValueError: not a student file, or weights that do not
-        fit the network its config describes. CheckpointError: a tampered file.
+        fit the network its config describes. WeightsIntegrityError (a ValueError): weights
+        that differ from the digest recorded at save (a damaged file). CheckpointError: a
+        tampered or non-PyTorch file.
     """
     from mtcmkd.engine.checkpoint import safe_torch_load
     from mtcmkd.models import build_network
@@ -91,6 +103,7 @@ def load_student(path: Path) -> StudentBundle:
     if payload.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: student file format version {payload.get('format_version')} "
                          f"is not supported (expected {FORMAT_VERSION})")
+    _verify_digest(path, payload)
     model_cfg = payload["config"]["model"]
     widths = model_cfg.get("widths")
     net = build_network(model_cfg["kind"], len(payload["channels"]), int(payload["n_out"]),
@@ -105,3 +118,19 @@ def load_student(path: Path) -> StudentBundle:
     return StudentBundle(network=net, channels=tuple(payload["channels"]),
                          output=payload["output"], n_out=int(payload["n_out"]),
                          patch_size=tuple(payload["patch_size"]), meta=payload)
+
+
+def _verify_digest(path: Path, payload: dict) -> None:
+    """Refuse a file whose tensors differ from the digest recorded at save."""
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: malformed student weights file (state_dict is not a dict of "
+                         "tensors)")
+    recorded = payload.get(WEIGHTS_DIGEST_KEY)
+    if recorded is None:
+        warn_unverified(path, "student weights file")
+        return
+    if weights_digest(state) != recorded:
+        raise WeightsIntegrityError(
+            f"{path}: weights do not match the digest recorded when the file was written "
+            "(damaged or modified file); use another copy or re-train")

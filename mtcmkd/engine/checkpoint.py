@@ -3,12 +3,16 @@
 Layout of a run folder's `checkpoints/`:
 
     step_00000100/            DeepSpeed's files (every rank writes its own part)
-    step_00000100/COMPLETE    written by rank 0 after every rank finished (a barrier)
+    step_00000100/COMPLETE    written by rank 0 after every rank finished (a barrier): JSON
+                              meta, with `files_sha256` = {file name: SHA-256} of the step's files
     latest                    the tag of the newest complete checkpoint, replaced atomically
 
 A crash while saving leaves a folder without COMPLETE, which is never loaded and is deleted by
 the next save. Loading uses `torch.load(weights_only=True)`: a file that needs arbitrary Python
-objects to unpickle (a tampered or foreign file) is refused with a clear message.
+objects to unpickle (a tampered or foreign file) is refused with a clear message. Flipped bytes
+inside a tensor unpickle fine, so `--resume` first checks every file against the digests in
+COMPLETE (:func:`verify_files`); checkpoints written before digests existed resume unverified,
+with a warning. `latest` must name a step folder of this `checkpoints/` (never a path outside).
 """
 
 from __future__ import annotations
@@ -16,15 +20,21 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtcmkd.atomic import atomic_write_text
+from mtcmkd.integrity import file_sha256
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+#: Key of COMPLETE's JSON: file name (relative to the step folder) -> SHA-256 of its bytes.
+FILES_SHA256 = "files_sha256"
+#: What torch.save writes: a zip archive (since torch 1.6) or a legacy pickle (protocol 2+).
+_PICKLE_MAGIC = b"\x80"
 
 
 class CheckpointError(RuntimeError):
@@ -32,7 +42,22 @@ class CheckpointError(RuntimeError):
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """`torch.load` restricted to tensors and plain containers (weights_only=True)."""
+    """`torch.load` restricted to tensors and plain containers (weights_only=True).
+
+    Raises:
+        CheckpointError: not a file `torch.save` wrote (a text file, say), a file that needs
+            arbitrary objects to unpickle, or a damaged one; the message names the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    # torch.load on a text file fails in many ways (KeyError, IndexError "pop from empty
+    # list", UnpicklingError "Unsupported operand"): look at the first bytes instead.
+    if not (zipfile.is_zipfile(path) or head.startswith(_PICKLE_MAGIC)):
+        raise CheckpointError(f"{path}: not a PyTorch weights file (torch.save writes a zip "
+                              "archive; this file is not one)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -40,8 +65,10 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: refused to load: the file holds objects other than "
                               f"weights and plain values (tampered or foreign file?): {first}"
                               ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
+            zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({first})") from None
 
 
 def make_safe_checkpoint_engine(base_engine: Any) -> Any:
@@ -69,18 +96,87 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint, or None. `latest` is trusted only if it is complete."""
+    """The newest complete checkpoint, or None. `latest` is trusted only if it is complete.
+
+    Raises:
+        CheckpointError: `latest` names something other than a step folder of `ckpt_dir` (an
+            absolute path, `..`, a symbolic link out): resuming from it would mix in another
+            run's weights.
+    """
     pointer = ckpt_dir / LATEST
     if pointer.is_file():
         tag = pointer.read_text().strip()
-        if (ckpt_dir / tag / COMPLETE).is_file():
-            return tag
+        if tag:
+            _check_inside(ckpt_dir, tag)
+            if (ckpt_dir / tag / COMPLETE).is_file():
+                return tag
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
 
 
+def _check_inside(ckpt_dir: Path, tag: str) -> None:
+    target = ckpt_dir / tag
+    inside = ("/" not in tag and "\\" not in tag and tag not in (".", "..")
+              and not Path(tag).is_absolute())
+    if inside and target.exists():
+        # A step folder that is a link elsewhere is as foreign as `../x`.
+        inside = target.resolve().parent == ckpt_dir.resolve()
+    if not inside:
+        raise CheckpointError(f"{ckpt_dir / LATEST}: points outside the run folder ({tag!r}); "
+                              "it must hold the name of a step folder of this checkpoints/ "
+                              "folder, e.g. step_00000100")
+
+
 def read_complete(ckpt_dir: Path, tag: str) -> dict:
-    return json.loads((ckpt_dir / tag / COMPLETE).read_text())
+    """The JSON of a step's COMPLETE file.
+
+    Raises:
+        CheckpointError: the file is not a JSON object (edited or damaged).
+    """
+    path = ckpt_dir / tag / COMPLETE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable COMPLETE file ({first}); resume from an "
+                              "earlier checkpoint by removing this step folder") from None
+    if not isinstance(meta, dict) or "config_hash" not in meta:
+        raise CheckpointError(f"{path}: COMPLETE is not a checkpoint record (no config_hash); "
+                              "resume from an earlier checkpoint by removing this step folder")
+    return meta
+
+
+def step_files_sha256(step_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file of a step folder (COMPLETE excluded), by relative name."""
+    return {str(p.relative_to(step_dir)): file_sha256(p)
+            for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
+
+
+def verify_files(ckpt_dir: Path, tag: str, meta: dict) -> bool:
+    """Check the step's files against the digests COMPLETE recorded at save.
+
+    Returns:
+        True when verified, False for a checkpoint written before digests existed (no
+        `files_sha256` in COMPLETE): it loads unverified and the caller warns.
+
+    Raises:
+        CheckpointError: a recorded file is missing or its bytes changed since the save.
+    """
+    recorded = meta.get(FILES_SHA256)
+    if recorded is None:
+        return False
+    step_dir = ckpt_dir / tag
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{step_dir / COMPLETE}: {FILES_SHA256} is not a mapping")
+    for name, digest in sorted(recorded.items()):
+        path = step_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from checkpoint {tag} (recorded at save)")
+        if file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: content differs from the digest recorded at save "
+                                  "(damaged or modified file); resume from an earlier "
+                                  "checkpoint by removing this step folder")
+    return True
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, meta: dict,
@@ -94,6 +190,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, meta: dict,
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.distributed.barrier()  # every rank's files are on disk
     if is_main:
+        meta = {**meta, FILES_SHA256: step_files_sha256(ckpt_dir / tag)}
         atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=2) + "\n")
         atomic_write_text(ckpt_dir / LATEST, tag + "\n")
         for old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:

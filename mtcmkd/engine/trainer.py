@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtcmkd.config import RunConfig, config_hash, dump_config, to_dict
+from mtcmkd.config import ConfigError, RunConfig, config_hash, dump_config, load_config, to_dict
+from mtcmkd.data.store import (
+    StoreInfo,
+    check_store_complete,
+    split_cases,
+    store_fingerprint,
+)
 from mtcmkd.engine import checkpoint as ckpt
 from mtcmkd.engine.dist import DistInfo, all_reduce, setup_distributed
 
@@ -35,6 +41,44 @@ EXIT_PREEMPTED = 3  # the run saved a checkpoint after a warning signal and want
 #: warning. A launcher that kills the other ranks when the first one exits (srun
 #: --kill-on-bad-exit) may report another exit code than 3; slurm/train.sh trusts this file.
 PREEMPTED_MARKER = "PREEMPTED"
+#: The run's record of its data: the store (path and fingerprint) and the fold's case ids.
+SPLITS_FILE = "splits.json"
+#: What a run writes into its folder; any of them means the folder belongs to a run.
+RUN_FILES: tuple[str, ...] = ("config.yaml", "ds_config.json", "log.jsonl", "student.pt",
+                              "best_student.pt", "best.json", "summary.json", SPLITS_FILE,
+                              "tensorboard", PREEMPTED_MARKER)
+
+
+def _saved_config_hash(out: Path, written_as: str | None = None) -> str | None:
+    """Hash of ``out/config.yaml`` read with today's loader (new fields get their defaults).
+
+    With ``written_as``, only a file whose header says it was written with that hash counts
+    (the config a checkpoint was trained with). None when there is no usable file.
+    """
+    path = out / "config.yaml"
+    try:
+        header = path.read_text().partition("\n")[0]
+        if written_as is not None and not header.endswith(f"hash {written_as}"):
+            return None
+        return config_hash(load_config(path))
+    except (OSError, ConfigError):
+        return None
+
+
+def _set_aside_attempt(out: Path, found: list[str], echo: Callable[[str], None]) -> None:
+    """Move an unfinished attempt's files to ``out/attempt-<k>/`` (rank 0 only; no checkpoint
+    exists, so nothing there can be resumed)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    k = 1
+    while (out / f"attempt-{k}").exists():
+        k += 1
+    dest = out / f"attempt-{k}"
+    dest.mkdir()
+    for name in found:
+        os.replace(out / name, dest / name)
+    echo(f"{out}: same config, no checkpoint: starting again; the earlier attempt's files "
+         f"are in {dest}")
 
 
 class TrainError(RuntimeError):
@@ -148,31 +192,53 @@ def _batches(dataset: Any, start: int, batch_size: int, num_workers: int) -> Any
                       drop_last=True)
 
 
-def train(cfg: RunConfig, out: Path, *, resume: bool = False,
+def train(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: bool = True,
           echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train `cfg` into the run folder `out`; returns a summary dict (rank 0's view).
 
-    Raises:
-        TrainError: `--resume` without a checkpoint, a changed config, a run folder that
-            already holds checkpoints without `--resume`, or a store that does not fit.
-    """
-    import deepspeed
+    Args:
+        memory_check: refuse a patch size x batch whose estimated training memory exceeds the
+            memory available (:func:`estimate_training_memory`); False skips the check.
 
-    from mtcmkd.data import PatchDataset, StoreInfo, finish_batch, split_cases
+    Raises:
+        TrainError: `--resume` without a checkpoint, a changed config or store, a run folder
+            that already holds another run (checkpoints or run files) without `--resume`, a
+            `--out` that is a file, a store or fold that does not fit, or a patch that cannot
+            fit in memory.
+        CheckpointError: a damaged checkpoint (digest mismatch, bad COMPLETE, `latest` outside
+            the run folder).
+    """
+    from mtcmkd.data import PatchDataset, finish_batch
     from mtcmkd.methods import build_method
 
-    dist: DistInfo = setup_distributed()
+    # The checks that need no process group come first: a refusal costs no start-up.
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     chash = config_hash(cfg)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: --out is an existing file, not a run folder; choose a folder")
     existing = ckpt.latest_tag(ckpt_dir)
     if resume and existing is None:
         raise TrainError(f"{out}: --resume given but no complete checkpoint in {ckpt_dir}")
     if not resume and existing is not None:
         raise TrainError(f"{out}: run folder already holds checkpoint {existing}; pass --resume "
                          "to continue it or choose a new --out")
+    if not resume:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and _saved_config_hash(out) == chash:
+            # The same run, killed before its first checkpoint (a node failure, a requeue):
+            # start it again, keeping the earlier attempt's files apart so no log mixes two.
+            _set_aside_attempt(out, found, echo)
+        elif found:
+            raise TrainError(f"{out}: holds another run's files ({', '.join(found)}) and no "
+                             "checkpoint to resume; choose a new --out folder (or --resume a "
+                             "run that has checkpoints)")
+    complete: dict[str, Any] = {}
     if resume:
-        saved_hash = ckpt.read_complete(ckpt_dir, existing)["config_hash"]
+        complete = ckpt.read_complete(ckpt_dir, existing)
+        saved_hash = complete["config_hash"]
+        if saved_hash != chash and _saved_config_hash(out, saved_hash) == chash:
+            saved_hash = chash  # same settings; the code since added fields with defaults
         if saved_hash != chash:
             raise TrainError(f"{out}: the config differs from the one checkpoint {existing} was "
                              f"trained with (hash {saved_hash} vs {chash}); resume with the "
@@ -180,11 +246,32 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
 
     if cfg.data.store is None:
         raise TrainError("data.store is not set (pass --store)")
-    info = StoreInfo.read(cfg.data.store)
-    train_ids, val_ids = split_cases(info, cfg.data.fold)
+    info, train_ids, val_ids = check_training_store(cfg.data.store, cfg.data.fold)
+    fingerprint = store_fingerprint(cfg.data.store)
+    if resume:
+        _check_same_store(out, cfg.data.store, fingerprint)
+
+    import deepspeed
+
+    dist: DistInfo = setup_distributed()
     if len(train_ids) < dist.world_size:
         raise TrainError(f"{cfg.data.store}: fold {cfg.data.fold} leaves {len(train_ids)} "
                          f"training cases for {dist.world_size} ranks")
+    if resume:
+        # Rank 0 hashes the step's files; the others wait for its verdict, so that a refusal
+        # never leaves a rank inside a collective.
+        verdict = torch.tensor([0.0])
+        problem: ckpt.CheckpointError | None = None
+        if dist.is_main:
+            try:
+                if not ckpt.verify_files(ckpt_dir, existing, complete):
+                    echo(f"warning: {ckpt_dir / existing}: checkpoint without content digests "
+                         "(written before mtcmkd recorded them); resumed unverified")
+            except ckpt.CheckpointError as exc:
+                problem, verdict = exc, torch.tensor([1.0])
+        if all_reduce(verdict, op=torch.distributed.ReduceOp.MAX).item() > 0:
+            raise problem or ckpt.CheckpointError(
+                f"{ckpt_dir / existing}: refused on rank 0 (damaged checkpoint file)")
     t = cfg.train
     seed = t.seed
     torch.manual_seed(seed + dist.rank)
@@ -198,6 +285,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
 
     method = build_method(cfg, info.channels).to(dist.device)
     precision = resolve_precision(t.precision, dist.device)
+    if memory_check:
+        _check_memory(cfg, method, precision, dist)
     groups = [{"params": [p for p in params if p.requires_grad], "name": name, "lr": t.lr}
               for name, params in method.param_groups().items()]
     groups = [g for g in groups if g["params"]]
@@ -213,6 +302,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
         out.mkdir(parents=True, exist_ok=True)
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this attempt has not been preempted
         dump_config(cfg, out / "config.yaml")
+        write_splits(out, cfg.data.store, fingerprint, cfg.data.fold, train_ids, val_ids)
         ckpt.atomic_write_text(out / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
     torch.distributed.barrier()
     log = JsonlLog(out / "log.jsonl", dist.is_main)
@@ -362,6 +452,138 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False,
     summary["seconds"] = time.perf_counter() - run_start
     summary["ranks_in_sync"] = _ranks_in_sync(method)
     return _finish(summary, state, out, dist)
+
+
+def check_training_store(store: str | Path, fold: int) -> tuple[StoreInfo, list[str], list[str]]:
+    """The store's info and the fold's (train, validation) ids, or a one-line refusal.
+
+    Checked before anything is built, so a bad store never fails after step 1: every case
+    completely written (`check_store_complete`), the fold in range with cases on both sides,
+    and a `label` array with data for every case the run will read.
+
+    Raises:
+        StoreFormatError: not a store, or incomplete cases. TrainError: a fold out of range, a
+            store with too few labelled cases for the split, or a case without its labels.
+    """
+    check_store_complete(store)
+    info = StoreInfo.read(store)
+    if not info.labelled_cases:
+        raise TrainError(f"{store}: the store has no labelled cases; training needs labels "
+                         "(preprocess a raw folder with segmentations)")
+    try:
+        train_ids, val_ids = split_cases(info, fold)
+    except ValueError as exc:
+        raise TrainError(f"{store}: data.fold={fold}: {exc}") from None
+    cases = Path(store) / "cases"
+    for cid in [*train_ids, *val_ids]:
+        label = cases / cid / "label"
+        if not (label / "zarr.json").is_file() or not (label / "c").exists():
+            raise TrainError(f"{label}: labelled case {cid} has no label array; re-run "
+                             "`mtcmkd preprocess` on the same raw folder to repair it")
+    return info, train_ids, val_ids
+
+
+def write_splits(out: Path, store: str | Path, fingerprint: str, fold: int,
+                 train_ids: list[str], val_ids: list[str]) -> None:
+    """`RUN/splits.json`: which store (absolute path, fingerprint) and cases the run used.
+
+    evaluate/predict compare it with the store they are given, so a model is never scored on
+    its own training cases by mistake.
+    """
+    record = {"store": str(Path(store).resolve()), "store_fingerprint": fingerprint,
+              "fold": int(fold), "train": list(train_ids), "validation": list(val_ids),
+              "test": []}
+    ckpt.atomic_write_text(Path(out) / SPLITS_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _check_same_store(out: Path, store: str | Path, fingerprint: str) -> None:
+    """On --resume: refuse when the store changed since the run started (cases, folds)."""
+    path = Path(out) / SPLITS_FILE
+    if not path.is_file():
+        return  # a run from before splits.json: nothing to compare, it is written now
+    try:
+        recorded = json.loads(path.read_text()).get("store_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        raise TrainError(f"{path}: unreadable splits record; restore it or start a new run"
+                         ) from None
+    if recorded != fingerprint:
+        raise TrainError(f"{store}: the store changed since the run started (fingerprint "
+                         f"{str(recorded)[:12]} in {path}, now {fingerprint[:12]}: cases or "
+                         "folds differ); resume with the original store or start a new run")
+
+
+#: Bytes of saved activations per (network width x voxel) of each level, measured with
+#: autograd's saved-tensor hooks on one training forward (resunet 25-30, kdnet 11-14, in
+#: float32 elements), rounded up; backward adds the activation gradients of one level at a time.
+ACTIVATION_FACTOR: dict[str, float] = {"resunet": 32.0, "kdnet": 16.0}
+#: Optimiser-side bytes per parameter: weights, gradients and Adam's two moments (float32).
+BYTES_PER_PARAMETER = 16
+#: Head room for the backward pass's activation gradients and allocator slack.
+BACKWARD_OVERHEAD = 1.25
+
+
+def estimate_training_memory(widths: tuple[int, ...], kind: str, n_networks: int,
+                             n_parameters: int, patch_size: tuple[int, int, int],
+                             batch_size: int, bytes_per_activation: int) -> int:
+    """Bytes one rank needs beyond the loaded process: activations of every network of the
+    method at `patch_size` x `batch_size`, plus optimiser state.
+
+    An activation unit is one channel of one voxel at a level: a network of widths w_0..w_L
+    on a patch of V voxels has sum_l w_l V / 8^l of them; a training forward saves about
+    :data:`ACTIVATION_FACTOR` [kind] tensors' worth of them per unit.
+    """
+    voxels = float(np.prod(patch_size))
+    units = sum(w * voxels / 8**level for level, w in enumerate(widths))
+    activations = (units * ACTIVATION_FACTOR[kind] * bytes_per_activation * batch_size
+                   * n_networks * BACKWARD_OVERHEAD)
+    return int(activations + n_parameters * BYTES_PER_PARAMETER)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes for this process: the GPU's free memory, else MemAvailable of
+    /proc/meminfo capped by a cgroup limit; None where neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:  # a container's limit is lower than the host's MemAvailable
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _check_memory(cfg: RunConfig, method: Any, precision: str, dist: DistInfo) -> None:
+    """Refuse, on every rank, a patch x batch whose estimate exceeds the memory available."""
+    from mtcmkd.models import KDNetUNet, ResidualUNet
+
+    networks = [m for m in method.modules() if isinstance(m, (ResidualUNet, KDNetUNet))]
+    widths = cfg.model.effective_widths
+    need = estimate_training_memory(
+        widths, cfg.model.kind, max(len(networks), 1),
+        sum(p.numel() for p in method.parameters()), tuple(cfg.data.patch_size),
+        cfg.train.batch_size, 2 if precision == "bf16" else 4)
+    have = available_memory(dist.device)
+    # Ranks of one node share its CPU memory.
+    share = have if have is None or dist.device.type == "cuda" else have // max(
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    short = torch.tensor([1.0 if share is not None and need > share else 0.0])
+    if all_reduce(short, op=torch.distributed.ReduceOp.MAX).item() > 0:
+        patch = "x".join(map(str, cfg.data.patch_size))
+        where = "on another rank" if share is None or need <= share else (
+            f"{share / 2**30:.1f} GiB available on {dist.device.type}")
+        raise TrainError(f"data.patch_size={patch} x train.batch_size={cfg.train.batch_size}: "
+                         f"estimated {need / 2**30:.1f} GiB to train {len(networks)} "
+                         f"network(s), {where}; use a smaller patch or batch (or "
+                         "--no-memory-check to try anyway)")
 
 
 def _finish(summary: dict, state: LoopState, out: Path, dist: DistInfo) -> dict:

@@ -225,6 +225,44 @@ def release_of_case_id(case_id: str) -> Release | None:
     return None
 
 
+@dataclass(frozen=True)
+class LesionWiseParameters:
+    """Lesion-wise scoring parameters of one BraTS 2023+ sub-challenge (official script).
+
+    Attributes:
+        subchallenge: "GLI" (adult glioma), "SSA" (sub-Saharan Africa), "PED" (paediatric),
+            "MEN" (meningioma) or "MET" (metastases).
+        dilation_iterations: dilations of the truth (18-neighbourhood) that merge nearby truth
+            components into one lesion and define the neighbourhood a prediction must touch.
+        volume_threshold_mm3: truth lesions of this volume or less (mm^3, voxel count times
+            the voxel volume) are left out of the score.
+    """
+
+    subchallenge: str
+    dilation_iterations: int
+    volume_threshold_mm3: float
+
+
+#: Per sub-challenge parameters of the BraTS 2023 lesion-wise evaluation script.
+SUBCHALLENGES: dict[str, LesionWiseParameters] = {
+    "GLI": LesionWiseParameters("GLI", 3, 50.0),
+    "SSA": LesionWiseParameters("SSA", 3, 50.0),
+    "PED": LesionWiseParameters("PED", 3, 50.0),
+    "MEN": LesionWiseParameters("MEN", 1, 50.0),
+    "MET": LesionWiseParameters("MET", 1, 2.0),
+}
+
+
+def subchallenge(name: str) -> LesionWiseParameters:
+    """Look up a sub-challenge ("GLI", "met", "BraTS-PED"); ValueError lists the valid names."""
+    key = name.upper().removeprefix("BRATS-")
+    try:
+        return SUBCHALLENGES[key]
+    except KeyError:
+        raise ValueError(f"unknown BraTS sub-challenge {name!r}; expected one of "
+                         f"{', '.join(SUBCHALLENGES)}") from None
+
+
 def region_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean WT/TC/ET masks of a canonical label volume."""
     return {name: np.isin(labels, values) for name, values in REGIONS.items()}

@@ -3,7 +3,9 @@
 - Legacy per-case rules (2017-2021): :func:`dice`, :func:`hd95` (mm), :func:`sensitivity`,
   :func:`specificity` for one binary region; :func:`score_case` for WT/TC/ET of a canonical
   label volume.
-- 2023+ lesion-wise rules: :func:`lesion_wise_scores` for one region.
+- 2023+ rules (the official BraTS 2023 script): :func:`robust_hausdorff` (HD95 from
+  area-weighted surface elements, legacy and lesion-wise alike) and :func:`lesion_wise_scores`
+  for one region.
 - :func:`slice_dice_legacy`: the MTCM-KD authors' slice-averaged Dice, NOT the BraTS Dice.
 - :func:`relabel_small_et`: optional ET post-processing (never applied implicitly).
 
@@ -31,8 +33,16 @@ from mtcmkd.metrics.surface import (
     hd95,
     surface_voxels,
 )
+from mtcmkd.metrics.surface_distance import (
+    BRATS2023_EMPTY_HD95,
+    robust_hausdorff,
+    surfel_area_table,
+    surfel_distances,
+    surfels,
+)
 
 __all__ = [
+    "BRATS2023_EMPTY_HD95",
     "LEGACY_EMPTY_HD95",
     "LESION_MISSED_HD95",
     "SCORE_NAMES",
@@ -44,9 +54,13 @@ __all__ = [
     "hd95",
     "lesion_wise_scores",
     "relabel_small_et",
+    "robust_hausdorff",
     "score_case",
     "sensitivity",
     "slice_dice_legacy",
     "specificity",
     "surface_voxels",
+    "surfel_area_table",
+    "surfel_distances",
+    "surfels",
 ]

@@ -1,30 +1,31 @@
-"""BraTS 2023+ lesion-wise Dice and HD95 of one region (GLI rules, docs/BRATS.md).
+"""BraTS 2023+ lesion-wise Dice and HD95 of one region, as the official BraTS 2023 script
+(``BraTS-2023-Metrics``) computes them.
 
-Steps, on binary masks of one region (WT, TC or ET):
+Steps, on binary masks of one region (WT, TC or ET); N = `dilation_iterations` (GLI, SSA, PED:
+3; MEN, MET: 1, see :data:`mtcmkd.brats.SUBCHALLENGES`):
 
-1. Truth lesions: dilate the truth `dilation_iterations` (3) times with the 3D cross; each
+1. Truth lesions: dilate the truth N times with the 18-neighbourhood
+   (``scipy.ndimage.generate_binary_structure(3, 2)``; outside the array is background); each
    26-connected component of the dilated mask is one lesion, made of the truth voxels inside it
-   (so truth components closer than the dilation are merged into one lesion).
+   (so truth components that come within reach of each other's dilation are one lesion).
 2. Predicted components: 26-connected components of the prediction.
-3. Matching: a truth lesion is matched by every predicted component that overlaps the lesion
-   dilated again `dilation_iterations` times (touching the neighbourhood is enough, overlap with
-   the lesion itself is not needed). Its Dice and HD95 are computed between the lesion and the
-   union of its matched components (HD95 as :func:`mtcmkd.metrics.surface.hd95`, in mm).
-4. Truth lesions of `max_dropped_voxels` (50) voxels or fewer are dropped from the score;
-   predicted components that match only a dropped lesion are not counted as false positives.
-5. TP = kept lesions with a match, FN = kept lesions without (Dice 0, HD95 374 mm),
-   FP = predicted components that match no truth lesion (Dice 0, HD95 374 mm each).
-6. Score = sum of per-lesion values (FP contributing 0 to Dice and 374 to HD95) / (TP + FN + FP).
+3. Matching: a truth lesion is matched by every predicted component that has a voxel in the
+   lesion dilated N times again (touching the neighbourhood is enough; overlap with the lesion
+   itself is not needed; one component may match several lesions). Its Dice and HD95 are
+   computed between the lesion and the union of its matched components, HD95 as
+   :func:`mtcmkd.metrics.surface_distance.robust_hausdorff` (area-weighted surface elements).
+4. Truth lesions whose volume (voxels x voxel volume in mm^3 from `spacing`) is at most
+   `volume_threshold_mm3` (50; MET: 2) are left out of the score and of the counts; predicted
+   components that match only such a lesion are not false positives either.
+5. TP = kept lesions with a match; FN = kept lesions without one (Dice 0, HD95 374 mm);
+   FP = predicted components that match no truth lesion at all (Dice 0, HD95 374 mm each).
+6. Score = sum over kept lesions of Dice (resp. HD95) plus 0 (resp. 374) per FP, divided by
+   (TP + FN + FP).
 
-Edge cases: both masks empty -> Dice 1, HD95 0. Nothing left to score (only dropped truth
-lesions and no false positive) is treated the same way, as the official script does after its
-division by zero. Truth empty with a non-empty prediction -> Dice 0, HD95 374.
-
-Differences from the official ``BraTS-2023-Metrics`` script, on purpose or by configuration:
-it dilates with ``generate_binary_structure(3, 2)`` (18-neighbourhood) where docs/BRATS.md
-says a 3D cross; pass ``dilation_connectivity=2`` to reproduce it. It thresholds the lesion
-*volume in mm^3*; here the threshold is in voxels (the same at BraTS's 1 mm). It returns NaN
-for both-empty cases in some versions; here it is Dice 1, HD95 0.
+Edge cases, as the official script ends up: nothing to divide by (both masks empty, or only
+dropped truth lesions and no false positive) -> Dice 1, HD95 0; truth empty and a non-empty
+prediction -> Dice 0, HD95 374 (all false positives); prediction empty and a kept truth lesion
+-> Dice 0, HD95 374.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from scipy import ndimage
 
 from mtcmkd.metrics._masks import as_mask_pair, as_spacing, bbox_crop
 from mtcmkd.metrics.overlap import dice
-from mtcmkd.metrics.surface import hd95
+from mtcmkd.metrics.surface_distance import BRATS2023_EMPTY_HD95, robust_hausdorff
 
 __all__ = ["LESION_MISSED_HD95", "lesion_wise_scores"]
 
 #: HD95 in mm of a missed (FN) or spurious (FP) lesion under the 2023 rules.
-LESION_MISSED_HD95: float = 374.0
+LESION_MISSED_HD95: float = BRATS2023_EMPTY_HD95
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected components
 
@@ -52,19 +53,19 @@ def lesion_wise_scores(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     *,
     dilation_iterations: int = 3,
-    dilation_connectivity: int = 1,
-    max_dropped_voxels: int = 50,
+    volume_threshold_mm3: float = 50.0,
+    dilation_connectivity: int = 2,
     missed_hd95: float = LESION_MISSED_HD95,
 ) -> dict[str, float | int]:
-    """Lesion-wise Dice and HD95 (mm) of one region, with lesion counts.
+    """Lesion-wise Dice and HD95 (mm) of one region, with lesion counts (defaults: GLI).
 
     Args:
         pred_mask, truth_mask: 3D binary masks of one region, same shape (non-zero = inside).
-        spacing: voxel size in mm along each array axis (used by HD95 only).
-        dilation_iterations: dilations for merging truth lesions and for matching (3 for GLI).
-        dilation_connectivity: 1 = 3D cross (docs/BRATS.md), 2 = 18-neighbourhood (official
-            script).
-        max_dropped_voxels: truth lesions with this many voxels or fewer are dropped.
+        spacing: voxel size in mm along each array axis (lesion volumes and HD95).
+        dilation_iterations: dilations for merging truth lesions and for matching.
+        volume_threshold_mm3: truth lesions of this volume (mm^3) or less are dropped.
+        dilation_connectivity: 2 = 18-neighbourhood (the official script); 1 = 3D cross
+            (not what the challenge computes; kept for comparisons).
         missed_hd95: HD95 of a missed or spurious lesion.
 
     Returns:
@@ -75,6 +76,8 @@ def lesion_wise_scores(
     sp = as_spacing(spacing)
     if dilation_iterations < 1:
         raise ValueError(f"dilation_iterations must be >= 1, got {dilation_iterations}")
+    if not np.isfinite(volume_threshold_mm3) or volume_threshold_mm3 < 0:
+        raise ValueError(f"volume_threshold_mm3 must be >= 0, got {volume_threshold_mm3}")
     structure = ndimage.generate_binary_structure(3, dilation_connectivity)
     # Dilation reaches at most `dilation_iterations` voxels per axis: a crop with one more voxel
     # of margin changes nothing (see bbox_crop) and saves most of the work.
@@ -106,17 +109,19 @@ def lesion_wise_scores(
         matched = np.unique(pred_components[grown][neighbourhood])
         matched = matched[matched != 0]
         matched_any.update(int(m) for m in matched)
-        lesion = lesions == index
-        if int(np.count_nonzero(lesion)) <= max_dropped_voxels:
+        # The official volume: voxel count times each spacing in turn (same rounding).
+        volume = int(np.count_nonzero(lesion_local)) * sp[0] * sp[1] * sp[2]
+        if volume <= volume_threshold_mm3:
             continue
         if matched.size == 0:
             fn += 1
             hd_sum += missed_hd95
             continue
         tp += 1
+        lesion = lesions == index
         matched_pred = np.isin(pred_components, matched)
         dice_sum += dice(matched_pred, lesion)
-        hd_sum += hd95(matched_pred, lesion, sp, empty_distance=missed_hd95)
+        hd_sum += robust_hausdorff(matched_pred, lesion, sp, empty_distance=missed_hd95)
 
     fp = n_pred - len(matched_any)
     hd_sum += fp * missed_hd95

@@ -7,7 +7,7 @@ must be mapped first with ``mtcmkd.brats.release(name).map_labels``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +35,7 @@ def score_case(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     *,
     empty_hd95: float = LEGACY_EMPTY_HD95,
+    hd95_function: Callable[..., float] = hd95,
 ) -> dict[str, dict[str, float]]:
     """Dice, HD95 (mm), sensitivity and specificity of WT, TC and ET for one case.
 
@@ -43,6 +44,9 @@ def score_case(
             integer dtype, on the native grid (the challenge scores the full volume).
         spacing: voxel size in mm along each array axis.
         empty_hd95: HD95 when exactly one of prediction and truth is empty.
+        hd95_function: the HD95 definition, called as ``f(pred, truth, spacing,
+            empty_distance=empty_hd95)``: :func:`mtcmkd.metrics.surface.hd95` (2017-2021,
+            the default) or :func:`mtcmkd.metrics.surface_distance.robust_hausdorff` (2023+).
 
     Returns:
         ``{"dice": {"WT": .., "TC": .., "ET": ..}, "hd95": {...}, "sensitivity": {...},
@@ -74,7 +78,7 @@ def score_case(
         t = np.isin(truth[crop], values)
         counts = _counts(p, t, n_total=int(pred.size))
         scores["dice"][region] = counts.dice
-        scores["hd95"][region] = hd95(p, t, sp, empty_distance=empty_hd95)
+        scores["hd95"][region] = hd95_function(p, t, sp, empty_distance=empty_hd95)
         scores["sensitivity"][region] = counts.sensitivity
         scores["specificity"][region] = counts.specificity
     return scores

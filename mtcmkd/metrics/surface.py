@@ -11,10 +11,10 @@ report the larger of the two. This equals MONAI's
 
 medpy's ``hd95`` pools the two directed sets before taking the percentile, which gives a smaller
 value whenever a small part of one surface lies far away (e.g. a small spurious component). We
-follow MONAI because the BraTS tools do the same thing: the 2023 evaluation (DeepMind's
-``surface-distance`` ``compute_robust_hausdorff``) takes the percentile of each direction and
-then the maximum (its surfaces are area-weighted surfels, a detail that differs). The tests pin
-this choice against MONAI and show an example where medpy differs.
+follow MONAI for the 2017-2021 rules; the tests pin this choice against MONAI and show an
+example where medpy differs. The BraTS 2023+ evaluation also takes the percentile of each
+direction and then the maximum, but on area-weighted surface elements between voxels (DeepMind's
+``surface-distance``): that definition is :mod:`mtcmkd.metrics.surface_distance`, used for 2023+.
 
 The distances are exact Euclidean distances between voxel centres, scaled per axis by the
 voxel spacing (anisotropic spacing is fine). Cost: surfaces are found by checking the 6 face

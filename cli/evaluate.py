@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -52,6 +53,18 @@ def evaluate(
     overlap: Annotated[float, typer.Option(
         help="With --run: sliding-window overlap in [0, 1).")] = 0.5,
     device: Annotated[str, typer.Option(help="With --run: auto, cpu, cuda or cuda:N.")] = "auto",
+    missing: Annotated[str, typer.Option(
+        help="With --pred: a ground-truth case without a prediction file is an error (error), "
+             "scored as an empty prediction as the challenge does (empty), or left out (skip)."
+    )] = "error",
+    allow_changed_store: Annotated[bool, typer.Option(
+        "--allow-changed-store", help="With --run: score even when the store changed since "
+                                      "training (said in the output and metrics.json).")
+    ] = False,
+    subchallenge: Annotated[str | None, typer.Option(
+        help="With --year 2023: the sub-challenge whose lesion-wise parameters apply: GLI "
+             "(default), SSA, PED (3 dilations, lesions <= 50 mm^3 dropped), MEN (1, 50 mm^3), "
+             "MET (1, 2 mm^3).")] = None,
 ) -> None:
     """Score segmentations by the BraTS rules in native space: per case and region (WT, TC,
     ET) Dice, HD95 (mm), sensitivity, specificity; lesion-wise Dice/HD95 for 2023+.
@@ -61,8 +74,10 @@ def evaluate(
     and prints the means next to published reference numbers.
     """
     from mtcmkd.evaluation import (
+        MISSING_POLICIES,
         EvaluationError,
         EvaluationSettings,
+        check_output_folder,
         match_prediction_files,
         prediction_file_cases,
         run_evaluation_inputs,
@@ -78,18 +93,37 @@ def evaluate(
     if pred is not None and gt is None:
         fail("--pred needs --gt RAW_DIR (the ground truth in the release's layout)")
     unpredicted: list[str] = []
-    if run is None and (store is not None or split != "val"):
-        fail("--store and --split go with --run")
+    if run is None and (store is not None or split != "val" or allow_changed_store):
+        fail("--store, --split and --allow-changed-store go with --run")
+    if missing not in MISSING_POLICIES:
+        fail(f"--missing {missing!r}: expected one of {', '.join(MISSING_POLICIES)}")
+    if run is not None and missing != "error":
+        fail("--missing goes with --pred (--run scores every held-out case of the store)")
     if not 0.0 <= overlap < 1.0:
         fail(f"--overlap must be in [0, 1) (got {overlap})")
     try:
-        settings = EvaluationSettings(year, postprocess_et, legacy_slice_dice)
+        settings = EvaluationSettings(year, postprocess_et, legacy_slice_dice,
+                                      subchallenge=subchallenge or "GLI")
     except ValueError as exc:
-        fail(f"--year/--postprocess-et: {exc}")
+        fail(f"--year/--postprocess-et/--subchallenge: {exc}")
+    if subchallenge is not None and not settings.lesion_wise:
+        fail(f"--subchallenge goes with --year 2023 (lesion-wise rules); BraTS {year} has none")
+
+    out_dir = out if out is not None else (run / "eval" if run is not None else Path("eval"))
+    try:
+        # A bad output folder is found now, not after every case has been scored.
+        check_output_folder(out_dir, ["metrics.json", "metrics.csv"])
+        if png is not None:
+            check_output_folder(png)
+    except EvaluationError as exc:
+        fail(str(exc))
 
     try:
         if run is not None:
-            inputs = run_evaluation_inputs(run, store, split)
+            inputs = run_evaluation_inputs(run, store, split,
+                                           allow_changed_store=allow_changed_store)
+            for note in inputs.notes:
+                err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
             dev = resolve_device(device)
             inputs.bundle.network.to(dev)
             n_cases = len(inputs.case_ids)
@@ -102,16 +136,18 @@ def evaluate(
                 "channels": list(inputs.bundle.channels), "store": str(inputs.store),
                 "fold": inputs.fold, "split": split, "mirror": mirror, "overlap": overlap,
                 "space": "native (store crops put back on the original grid)",
+                "split_recorded": inputs.split_recorded, "store_check": inputs.store_check,
+                "notes": inputs.notes,
             }
-            out_dir = out if out is not None else run / "eval"
         else:
             assert pred is not None and gt is not None
-            pairs, unpredicted = match_prediction_files(pred, gt, year)
+            pairs, unpredicted = match_prediction_files(pred, gt, year, missing)
             n_cases = len(pairs)
             cases = prediction_file_cases(pairs, year, with_image=png is not None)
             source = {"mode": "predictions", "pred": str(pred), "gt": str(gt),
-                      "unscored_truth_cases": len(unpredicted)}
-            out_dir = out if out is not None else Path("eval")
+                      "missing": missing,
+                      "scored_as_empty": unpredicted if missing == "empty" else [],
+                      "unscored_truth_cases": len(unpredicted) if missing == "skip" else 0}
 
         progress = Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.description}"),
@@ -139,8 +175,14 @@ def evaluate(
     console.print(f"wrote {json_path} and {csv_path}", soft_wrap=True)
     if unpredicted:
         shown = ", ".join(unpredicted[:5]) + (" ..." if len(unpredicted) > 5 else "")
+        what = ("were scored as empty predictions (--missing empty)" if missing == "empty"
+                else "were not scored (--missing skip)")
         err_console.print(f"[yellow]warning:[/] {len(unpredicted)} ground-truth case(s) have no "
-                          f"prediction and were not scored: {shown}", soft_wrap=True)
+                          f"prediction and {what}: {escape(shown)}", soft_wrap=True)
+    if run is not None and inputs.store_check.get("allowed"):
+        err_console.print("[yellow]warning:[/] the store changed since training "
+                          "(--allow-changed-store); see source.store_check in metrics.json",
+                          soft_wrap=True)
 
 
 def _pct(value: float) -> str:
@@ -208,8 +250,13 @@ def _print_tables(evaluation: Evaluation) -> None:
             else f"a predicted ET < {settings.postprocess_et} voxels relabelled as NCR")
     console.print(f"ET post-processing: {post}", soft_wrap=True)
     console.print(f"rules: {settings.rules}", soft_wrap=True)
-    console.print("HD95: MONAI definition (per-direction 95th percentile, then the max), mm from "
-                  "the voxel spacing", soft_wrap=True)
+    if settings.lesion_wise:
+        console.print("HD95: the official BraTS 2023 definition (area-weighted surface elements, "
+                      "per-direction 95th percentile, then the max), mm from the voxel spacing",
+                      soft_wrap=True)
+    else:
+        console.print("HD95: MONAI definition (per-direction 95th percentile, then the max), mm "
+                      "from the voxel spacing", soft_wrap=True)
     if settings.legacy_slice_dice:
         console.print("LEGACY slice Dice is NOT the BraTS Dice (MTCM-KD authors' slice-averaged "
                       "2D Dice, slices empty in both score 1); shown only to explain the "

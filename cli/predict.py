@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -14,7 +16,7 @@ from .console import console, err_console, failer
 fail = failer("predict")
 
 if TYPE_CHECKING:
-    from mtcmkd.evaluation import CasePrediction, PredictionInput
+    from mtcmkd.evaluation import CaseFailure, CasePrediction, PredictionInput
 
 
 def resolve_device(device: str) -> str:
@@ -55,9 +57,12 @@ def predict(
     """Segment every case with the student (T1ce only): labels in the release's values, the
     input's affine and header, one file per case, written atomically.
 
-    Bad input stops the command with one line naming the file and a non-zero exit; every
-    case's headers are checked before the first output is written, and no file is ever left
-    half written.
+    A bad case (unreadable, wrong dimensionality, missing the student's modality, a file named
+    as another modality) does not stop the others: each failure is one line naming the file,
+    and the command ends with exit code 1 after segmenting every good case. Every entry of the
+    input tree that is not taken is named with the reason. OUTPUT/predict_report.json lists
+    every case, failure and entry not taken. Bad options, model or output folder stop the
+    command at once with one line (exit 2); no file is ever left half written.
     """
     if not 0.0 <= overlap < 1.0:
         fail(f"--overlap must be in [0, 1) (got {overlap})")
@@ -65,14 +70,23 @@ def predict(
         fail(f"--postprocess-et must be >= 1 voxel (got {postprocess_et})")
     from mtcmkd.engine.checkpoint import CheckpointError
     from mtcmkd.evaluation import (
+        CaseFailure,
         EvaluationError,
+        InputError,
+        check_output_folder,
         check_prediction_input,
-        find_prediction_inputs,
+        discover_prediction_inputs,
         predict_case,
         write_prediction,
     )
     from mtcmkd.student_weights import load_student, resolve_student_path
 
+    try:
+        check_output_folder(output, [REPORT_NAME])
+        if png is not None:
+            check_output_folder(png)
+    except EvaluationError as exc:
+        fail(str(exc))
     try:
         student_path = resolve_student_path(model)
         bundle = load_student(student_path)
@@ -81,13 +95,31 @@ def predict(
     dev = resolve_device(device)
     bundle.network.to(dev)
     try:
-        inputs = find_prediction_inputs(input_, bundle.channels, year)
-        for item in inputs:
-            check_prediction_input(item)
+        found = discover_prediction_inputs(input_, bundle.channels, year)
     except EvaluationError as exc:
         fail(str(exc))
+    for entry in found.not_taken[:MAX_NOT_TAKEN_LINES]:
+        err_console.print(f"[yellow]not taken[/] {escape(str(entry.path))}: "
+                          f"{escape(entry.reason)}", soft_wrap=True)
+    if len(found.not_taken) > MAX_NOT_TAKEN_LINES:
+        more = len(found.not_taken) - MAX_NOT_TAKEN_LINES
+        err_console.print(f"[yellow]not taken[/] ... and {more} more (all in "
+                          f"{escape(str(output / REPORT_NAME))})", soft_wrap=True)
 
-    rows = []
+    failures: list[CaseFailure] = list(found.failed)
+    for failure in failures:
+        _print_failure(failure)
+    # Headers first (cheap): a broken case is reported before the long inference starts.
+    inputs = []
+    for item in found.cases:
+        try:
+            check_prediction_input(item)
+            inputs.append(item)
+        except InputError as exc:
+            failures.append(CaseFailure(item.case_id, exc.path, exc.reason))
+            _print_failure(failures[-1])
+
+    rows, written = [], []
     progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
                         transient=True)
@@ -101,27 +133,84 @@ def predict(
                 out = write_prediction(result.labels, item, output)
                 if png is not None:
                     _overlay(item, result, png)
-            except EvaluationError as exc:
-                fail(str(exc))
-            counts = [int(((result.labels >= 1) & (result.labels <= 3)).sum()),
-                      int(((result.labels == 1) | (result.labels == 3)).sum()),
-                      int((result.labels == 3).sum())]
-            rows.append((out.name, item.release, *map(str, counts),
-                         "yes" if result.et_relabelled else "", f"{result.seconds:.1f}"))
+            except InputError as exc:
+                failures.append(CaseFailure(item.case_id, exc.path, exc.reason))
+            except (OSError, ValueError) as exc:  # e.g. OUTPUT/<case>.nii.gz is a folder
+                failures.append(CaseFailure(item.case_id, output / f"{item.case_id}.nii.gz",
+                                            _one_line(exc)))
+            else:
+                counts = [int(((result.labels >= 1) & (result.labels <= 3)).sum()),
+                          int(((result.labels == 1) | (result.labels == 3)).sum()),
+                          int((result.labels == 3).sum())]
+                rows.append((out.name, item.release, *map(str, counts),
+                             "yes" if result.et_relabelled else "", f"{result.seconds:.1f}"))
+                written.append({"case": item.case_id, "status": "written", "file": str(out),
+                                "release": item.release, "seconds": round(result.seconds, 3)})
+            if failures and failures[-1].case_id == item.case_id:
+                _print_failure(failures[-1])
             progress.advance(task)
 
-    table = Table(title=f"mtcmkd predict -> {output} ({student_path.name}, "
-                        f"{'+'.join(bundle.channels)}, {dev}; voxels per region)")
-    table.add_column("file", no_wrap=True)
-    for col in ("release", "WT", "TC", "ET", "ET->NCR", "s"):
-        table.add_column(col, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    if rows:
+        table = Table(title=f"mtcmkd predict -> {output} ({student_path.name}, "
+                            f"{'+'.join(bundle.channels)}, {dev}; voxels per region)")
+        table.add_column("file", no_wrap=True)
+        for col in ("release", "WT", "TC", "ET", "ET->NCR", "s"):
+            table.add_column(col, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     post = ("off" if postprocess_et is None
             else f"ET < {postprocess_et} voxels relabelled as NCR")
-    console.print(f"{len(rows)} case(s); mirror {'on' if mirror else 'off'}, overlap {overlap}, "
-                  f"ET post-processing {post}", soft_wrap=True)
+    report = {
+        "model": str(student_path), "input": str(input_), "output": str(output),
+        "channels": list(bundle.channels), "device": dev, "mirror": mirror, "overlap": overlap,
+        "postprocess_et": postprocess_et,
+        "n_cases": len(found.cases) + len(found.failed), "n_written": len(written),
+        "n_failed": len(failures), "n_not_taken": len(found.not_taken),
+        "cases": sorted(written + [{"case": f.case_id, "status": "failed", "file": str(f.path),
+                                    "reason": f.reason} for f in failures],
+                        key=lambda c: (c["case"], c["status"])),
+        "not_taken": [{"path": str(e.path), "reason": e.reason} for e in found.not_taken],
+    }
+    report_path = _write_report(output, report)
+    console.print(f"{len(rows)} case(s) written, {len(failures)} failed, "
+                  f"{len(found.not_taken)} entries not taken; mirror {'on' if mirror else 'off'}, "
+                  f"overlap {overlap}, ET post-processing {post}; report: {report_path}",
+                  soft_wrap=True)
+    if failures:
+        err_console.print(f"[bold red]{len(failures)} case(s) failed[/]; report: "
+                          f"{escape(str(report_path))}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+#: Name of the JSON report written to the output folder.
+REPORT_NAME = "predict_report.json"
+
+#: Entries not taken shown on the console; all of them are in the report.
+MAX_NOT_TAKEN_LINES = 20
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _print_failure(failure: CaseFailure) -> None:
+    err_console.print(f"[red]failed[/] {escape(failure.case_id)}: {escape(str(failure))}",
+                      soft_wrap=True)
+
+
+def _write_report(output: Path, report: dict) -> Path:
+    """Write OUTPUT/predict_report.json atomically (the folder is created when absent)."""
+    from mtcmkd.atomic import atomic_write_text
+
+    path = output / REPORT_NAME
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        fail(f"{path}: cannot write the report ({_one_line(exc)})")
+    return path
 
 
 def _overlay(item: PredictionInput, result: CasePrediction, png: Path) -> None:

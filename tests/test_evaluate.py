@@ -119,7 +119,8 @@ def test_predict_folder_of_cases_keeps_affine_and_header(env, tmp_path):
     result = invoke("predict", "--model", env["run"], "--input", env["raw"], "--output", out)
     assert result.exit_code == 0, result.output
     assert "mtcmkd predict" in result.output and "post-processing off" in result.output
-    assert sorted(p.name for p in out.iterdir()) == [f"{c}.nii.gz" for c in env["ids"]]
+    assert sorted(p.name for p in out.iterdir()) == [f"{c}.nii.gz" for c in env["ids"]] + [
+        "predict_report.json"]
     for case_id in env["ids"]:
         data = assert_same_space(out / f"{case_id}.nii.gz", t1ce(env["raw"], case_id))
         assert set(np.unique(data).tolist()) <= {0, 1, 2, 4}
@@ -176,7 +177,7 @@ def test_predict_case_folder_with_only_t1ce(env, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["2d", "4d", "unreadable", "missing_t1ce"])
-def test_predict_bad_input_one_line_error_and_no_output(env, tmp_path, problem):
+def test_predict_bad_input_one_line_per_failed_case(env, tmp_path, problem):
     raw = tmp_path / "raw"
     good, bad = env["ids"][0], env["ids"][1]
     shutil.copytree(env["raw"] / good, raw / good)  # a good case first: nothing written either
@@ -192,12 +193,15 @@ def test_predict_bad_input_one_line_error_and_no_output(env, tmp_path, problem):
     else:
         target.unlink()
     out = tmp_path / "pred"
-    err = one_line_error(invoke("predict", "-m", env["run"], "-i", raw, "-o", out))
+    # The bad case fails (exit 1, one line naming the file); the good one is still written.
+    result = invoke("predict", "-m", env["run"], "-i", raw, "-o", out)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    (err,) = [ln for ln in result.stderr.splitlines() if ln.startswith("failed")]
     assert target.name in err
     expected = {"2d": "got 2D", "4d": "got 4D", "unreadable": "not a readable NIfTI",
                 "missing_t1ce": "missing t1ce"}[problem]
     assert expected in err
-    assert not out.exists() or not any(out.iterdir())
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{good}.nii.gz"]
 
 
 def test_predict_bad_model_one_line_error(env, tmp_path):
@@ -337,7 +341,7 @@ def test_evaluate_run_scores_in_native_space(env, tmp_path):
         if case_id not in val_ids:
             (pred / f"{case_id}.nii.gz").unlink()
     result = invoke("evaluate", "--year", "2021", "--pred", pred, "--gt", env["raw"], "--out",
-                    tmp_path / "eval2")
+                    tmp_path / "eval2", "--missing", "skip")
     assert result.exit_code == 0, result.output
     assert "have no prediction" in result.stderr  # the training cases are reported, not scored
     again = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
@@ -372,7 +376,7 @@ def test_predictions_in_the_wrong_convention_fail_loudly(env, tmp_path):
     data[data == 4] = 3  # 2023-style ET in a 2021 evaluation
     nib.save(nib.Nifti1Image(data, seg.affine, seg.header), pred / f"{case_id}.nii.gz")
     err = one_line_error(invoke("evaluate", "--year", "2021", "--pred", pred, "--gt", env["raw"],
-                                "--out", tmp_path / "eval"))
+                                "--out", tmp_path / "eval", "--missing", "skip"))
     assert f"{case_id}.nii.gz" in err and "unexpected label values [3]" in err
     assert not (tmp_path / "eval" / "metrics.json").exists()
 

@@ -223,11 +223,34 @@ def test_cpp_client_checks_header_before_allocating(cpp, tmp_path, name, content
 
 
 def test_cpp_client_max_voxels_option(cpp, tmp_path):
-    source = small_volume(tmp_path / "v.nii", np.ones((12, 10, 9), np.int16))
+    source = small_volume(tmp_path / "v.nii", np.arange(1, 1081, dtype=np.int16).reshape(12, 10, 9))
     done = _client(cpp, source, tmp_path / "seg.nii", "--max-voxels", "100")
     assert done["rc"] == 2 and "1080 voxels, above the limit of 100" in done["stderr"], done
     done = _client(cpp, source, tmp_path / "seg.nii", "--max-voxels", "ten")
     assert done["rc"] == 2 and "--max-voxels must be a positive integer" in done["stderr"]
+
+
+def test_cpp_client_checks_the_weights_digest(cpp, tmp_path):
+    """The C++ client recomputes the export's weights_sha256: a flipped tensor is refused."""
+    import shutil
+
+    from test_faults_runs import flip_tensor_bytes
+
+    _, module = cpp
+    source = small_volume(tmp_path / "v.nii", np.arange(1, 1081, dtype=np.int16).reshape(12, 10, 9))
+    good = _client(cpp, source, tmp_path / "seg.nii")
+    assert good["rc"] == 0 and "digest" not in good["stderr"], good
+    damaged = tmp_path / "damaged.pt"
+    shutil.copy(module, damaged)
+    flip_tensor_bytes(damaged)
+    client, _ = cpp
+    done = peak_run([str(client), str(damaged), str(source), str(tmp_path / "s2.nii"),
+                     "--threads", "1"])
+    err = done["stderr"].strip()
+    assert done["rc"] == 2, done
+    assert err == (f"error: {damaged}: weights do not match the digest recorded at export "
+                   "(the file is damaged); export it again"), err
+    assert not (tmp_path / "s2.nii").exists()
 
 
 # --- slurm/train.sh: MTCMKD_ARGS is a word list, never globbed or run ------------------------

@@ -15,6 +15,7 @@
 #include <torch/script.h>
 
 #include <chrono>
+#include <map>
 #include <ctime>
 #include <cstdlib>
 #include <iostream>
@@ -23,10 +24,55 @@
 #include <vector>
 
 #include "nifti.hpp"
+#include "sha256.hpp"
 
 namespace {
 
 constexpr const char* kMetadataFile = "mtcmkd.json";
+constexpr const char* kDigestFile = "weights_sha256";
+
+// dtype names as Python prints them without "torch." (the digest's definition).
+std::string dtype_name(c10::ScalarType type) {
+  switch (type) {
+    case c10::kFloat: return "float32";
+    case c10::kDouble: return "float64";
+    case c10::kHalf: return "float16";
+    case c10::kBFloat16: return "bfloat16";
+    case c10::kByte: return "uint8";
+    case c10::kChar: return "int8";
+    case c10::kShort: return "int16";
+    case c10::kInt: return "int32";
+    case c10::kLong: return "int64";
+    case c10::kBool: return "bool";
+    default: return c10::toString(type);
+  }
+}
+
+// The weights digest of mtcmkd/integrity.py: SHA-256 over the module's parameters and
+// buffers sorted by name, each as name, NUL, dtype, NUL, comma-joined shape, NUL, raw bytes.
+std::string weights_digest(const torch::jit::Module& module) {
+  std::map<std::string, at::Tensor> state;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) state[item.name] = item.value;
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) state[item.name] = item.value;
+  sha256::Hasher hasher;
+  const char nul = '\0';
+  for (const auto& [name, value] : state) {
+    const at::Tensor t = value.detach().to(torch::kCPU).contiguous();
+    hasher.update(name);
+    hasher.update(&nul, 1);
+    hasher.update(dtype_name(t.scalar_type()));
+    hasher.update(&nul, 1);
+    std::string shape;
+    for (std::size_t i = 0; i < static_cast<std::size_t>(t.dim()); ++i) {
+      if (i > 0) shape += ",";
+      shape += std::to_string(t.size(static_cast<std::int64_t>(i)));
+    }
+    hasher.update(shape);
+    hasher.update(&nul, 1);
+    hasher.update(t.data_ptr(), t.nbytes());
+  }
+  return hasher.hex();
+}
 
 int usage(const char* message) {
   std::cerr << "error: " << message << "\n"
@@ -101,7 +147,7 @@ static int run(int argc, char** argv) {
   if (threads > 0) at::set_num_threads(threads);
 
   torch::jit::Module module;
-  torch::jit::ExtraFilesMap extra{{kMetadataFile, ""}};
+  torch::jit::ExtraFilesMap extra{{kMetadataFile, ""}, {kDigestFile, ""}};
   std::string convention = "?";
   std::int64_t n_channels = 1;
   try {
@@ -110,6 +156,18 @@ static int run(int argc, char** argv) {
     if (extra[kMetadataFile].empty()) {
       std::cerr << "error: " << module_path
                 << ": no mtcmkd metadata; export it with `mtcmkd export torchscript`\n";
+      return 2;
+    }
+    // Flipped bytes inside a tensor load silently; the digest recorded at export catches them.
+    const std::string recorded = extra[kDigestFile];
+    if (recorded.empty()) {
+      if (!quiet) {
+        std::cerr << "warning: " << module_path << ": no weights digest (exported before mtcmkd "
+                  << "recorded one); loaded unverified\n";
+      }
+    } else if (weights_digest(module) != recorded) {
+      std::cerr << "error: " << module_path << ": weights do not match the digest recorded at "
+                << "export (the file is damaged); export it again\n";
       return 2;
     }
     convention = module.attr("label_convention").toStringRef();

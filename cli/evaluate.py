@@ -77,6 +77,7 @@ def evaluate(
         MISSING_POLICIES,
         EvaluationError,
         EvaluationSettings,
+        InputError,
         check_output_folder,
         match_prediction_files,
         prediction_file_cases,
@@ -115,7 +116,7 @@ def evaluate(
         check_output_folder(out_dir, ["metrics.json", "metrics.csv"])
         if png is not None:
             check_output_folder(png)
-    except EvaluationError as exc:
+    except (EvaluationError, InputError) as exc:
         fail(str(exc))
 
     try:
@@ -155,7 +156,7 @@ def evaluate(
 
         def on_case(case: ScoringCase, record: dict[str, Any]) -> None:
             if png is not None:
-                from mtcmkd.figures import overlay_png
+                from mtcmkd.plots import overlay_png
 
                 overlay_png(png / f"{case.case_id}.png", case.image, truth=case.truth,
                             prediction=case.prediction, affine=case.affine,
@@ -165,7 +166,7 @@ def evaluate(
         with progress:
             task = progress.add_task("", total=n_cases)
             evaluation = score_predictions(cases, settings, source=source, on_case=on_case)
-    except EvaluationError as exc:
+    except (EvaluationError, InputError) as exc:
         fail(str(exc))
     except ValueError as exc:  # e.g. prediction/truth shapes differ
         fail(str(exc))

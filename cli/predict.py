@@ -68,7 +68,6 @@ def predict(
         fail(f"--overlap must be in [0, 1) (got {overlap})")
     if postprocess_et is not None and postprocess_et < 1:
         fail(f"--postprocess-et must be >= 1 voxel (got {postprocess_et})")
-    from mtcmkd.engine.checkpoint import CheckpointError
     from mtcmkd.evaluation import (
         CaseFailure,
         EvaluationError,
@@ -79,13 +78,14 @@ def predict(
         predict_case,
         write_prediction,
     )
+    from mtcmkd.integrity import CheckpointError
     from mtcmkd.student_weights import load_student, resolve_student_path
 
     try:
         check_output_folder(output, [REPORT_NAME])
         if png is not None:
             check_output_folder(png)
-    except EvaluationError as exc:
+    except (EvaluationError, InputError) as exc:
         fail(str(exc))
     try:
         student_path = resolve_student_path(model)
@@ -96,7 +96,7 @@ def predict(
     bundle.network.to(dev)
     try:
         found = discover_prediction_inputs(input_, bundle.channels, year)
-    except EvaluationError as exc:
+    except (EvaluationError, InputError) as exc:
         fail(str(exc))
     for entry in found.not_taken[:MAX_NOT_TAKEN_LINES]:
         err_console.print(f"[yellow]not taken[/] {escape(str(entry.path))}: "
@@ -219,14 +219,14 @@ def _overlay(item: PredictionInput, result: CasePrediction, png: Path) -> None:
     The segmentation is not needed for prediction, so a bad one only costs the truth row
     (with a warning), not the case.
     """
-    from mtcmkd.evaluation import EvaluationError, load_truth
-    from mtcmkd.figures import overlay_png
+    from mtcmkd.evaluation import InputError, load_truth
+    from mtcmkd.plots import overlay_png
 
     truth = None
     if item.truth is not None:
         try:
             truth = load_truth(item.truth, item.release, item.case_id)
-        except EvaluationError as exc:
+        except InputError as exc:
             err_console.print(f"[yellow]warning:[/] overlay without truth: {exc}",
                               soft_wrap=True)
         if truth is not None and truth.shape != result.labels.shape:

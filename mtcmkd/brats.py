@@ -225,6 +225,47 @@ def release_of_case_id(case_id: str) -> Release | None:
     return None
 
 
+def _suffix_roles() -> dict[str, str]:
+    # The suffixes of different releases never name different roles, so one table serves all.
+    roles: dict[str, str] = {}
+    for info in RELEASE_INFO.values():
+        for channel, suffix in info.modality_suffix.items():
+            roles[suffix.lower()] = channel
+        if info.seg_suffix:
+            roles[info.seg_suffix.lower()] = "seg"
+    return roles
+
+
+#: Lower-case file-name suffix of any release -> the role it names (a channel of CHANNELS, or
+#: "seg"): 2021 and older ``t1/t1ce/t2/flair/seg``, 2023+ ``t1n/t1c/t2w/t2f/seg``.
+SUFFIX_ROLES: dict[str, str] = _suffix_roles()
+
+
+def case_id_of_file_stem(stem: str) -> str | None:
+    """The case id a file stem starts with when it is named ``<case id><separator><suffix>`` as
+    a BraTS release names a case's files (``BraTS2021_00000_t1ce`` -> ``BraTS2021_00000``), or
+    None. MSD files are named by the case id alone and are not recognised here.
+    """
+    for info in RELEASE_INFO.values():
+        if info.four_d:
+            continue
+        head, sep, _ = stem.rpartition(info.separator)
+        if sep and re.fullmatch(info.case_pattern, head):
+            return head
+    return None
+
+
+def odd_segmentation_name(names: list[str]) -> str | None:
+    """The segmentation among a case folder's file names when it is not named as its release
+    names it: the one name holding "seg" (any case), or None when none or several do.
+
+    Some BraTS 2020 copies name case 355's segmentation ``W39_1998.09.19_Segm.nii`` instead of
+    ``BraTS20_Training_355_seg.nii``. Pass the names not already taken as the case's images.
+    """
+    odd = [name for name in names if "seg" in name.lower()]
+    return odd[0] if len(odd) == 1 else None
+
+
 @dataclass(frozen=True)
 class LesionWiseParameters:
     """Lesion-wise scoring parameters of one BraTS 2023+ sub-challenge (official script).

@@ -3,7 +3,7 @@
 A header is 348 (NIfTI-1) or 540 (NIfTI-2) bytes that say how large the data are; nibabel
 trusts them and allocates the (scaled) array first, so a 24 KB gzip file whose header claims
 1200^3 voxels with `scl_slope` costs gigabytes before it fails as truncated. Every NIfTI reader
-of the package (`mtcmkd.preprocessing.convert.read_nifti`, used by preprocess, predict and
+of the package (`mtcmkd.nifti_io.read_nifti`, used by preprocess, predict and
 evaluate) parses the header here first and checks:
 
 - `dim[0]` in 1..7 and every used `dim[i]` >= 1;

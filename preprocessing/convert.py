@@ -7,7 +7,6 @@ half-written case where readers look. The layout is documented in docs/STORE.md.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -16,21 +15,27 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from mtcmkd import nifti_header
+from mtcmkd import nifti_io
 from mtcmkd.brats import CHANNELS, REGIONS, release
 from mtcmkd.data.store import case_problem
 from mtcmkd.lut import LUT_DTYPES, lookup, table_values
+from mtcmkd.nifti_io import (
+    AFFINE_ATOL_MM,
+    InputError,
+    NiftiVolume,
+    array_view,
+    gunzip_nifti,
+    inflate,
+)
 
 from .discover import CaseSource
 
 #: Foreground coordinates kept per region for patch sampling; plenty for uniform draws.
 MAX_FOREGROUND_COORDS = 10_000
-AFFINE_ATOL_MM = 1e-2
 
 
 class CaseError(Exception):
@@ -67,125 +72,27 @@ class CaseResult:
     file: str | None = None
 
 
-@dataclass
-class _Volume:
-    data: np.ndarray
-    affine: np.ndarray
-    zooms: tuple[float, ...]
-    sha256: str
+#: Old name of :class:`mtcmkd.nifti_io.NiftiVolume` (kept for imports of it).
+_Volume = NiftiVolume
+# Old names of the reader's helpers, now in mtcmkd.nifti_io (tests and benchmarks import them).
+_gunzip, _inflate, _array_view = gunzip_nifti, inflate, array_view
 
 
-def read_nifti(path: Path, case_id: str, *, max_voxels: int | None = None) -> _Volume:
-    """Read a .nii/.nii.gz once: the same bytes give the checksum and the array.
-
-    The header is checked before any array exists (mtcmkd/nifti_header.py): a header that
-    declares more voxels than `max_voxels` (None: `nifti_header.MAX_VOXELS`) or more data than
-    the file holds fails here, instead of nibabel allocating the scaled array first.
+def read_nifti(path: Path, case_id: str, *, max_voxels: int | None = None) -> NiftiVolume:
+    """:func:`mtcmkd.nifti_io.read_nifti` for one file of case `case_id`.
 
     Raises:
-        CaseError: unreadable, truncated or corrupt file (the message says which).
+        CaseError: unreadable, truncated or corrupt file (the reason says which), naming the
+            case and the file.
     """
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CaseError(case_id, path, f"cannot read file ({exc.strerror})") from None
-    sha = hashlib.sha256(raw).hexdigest()
-    try:
-        if path.name.endswith(".gz"):
-            try:
-                raw = _gunzip(raw, max_voxels)
-            except (EOFError, OSError, zlib.error):
-                raise CaseError(case_id, path, "truncated or corrupt gzip data") from None
-        layout = nifti_header.parse_header(raw[:nifti_header.HEADER_PREFIX],
-                                           max_voxels=max_voxels)
-        nifti_header.check_length(layout, len(raw))
-    except nifti_header.NiftiHeaderError as exc:
+        return nifti_io.read_nifti(path, max_voxels=max_voxels)
+    except InputError as exc:
         raise CaseError(case_id, path, exc.reason) from None
-    try:
-        img = nib.Nifti1Image.from_bytes(raw)
-    except Exception:
-        try:
-            img = nib.Nifti2Image.from_bytes(raw)
-        except Exception:
-            raise CaseError(case_id, path, "not a valid NIfTI file (bad header)") from None
-    try:
-        data = _array_view(img.dataobj, raw)
-        if data is None:
-            data = np.asanyarray(img.dataobj)
-    except Exception:
-        raise CaseError(case_id, path, "NIfTI data shorter than its header says "
-                        "(truncated file)") from None
-    return _Volume(data, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3]), sha)
 
 
-def _gunzip(data: bytes, max_voxels: int | None = None) -> bytes:
-    """Decompress a gzipped NIfTI file held in memory, never beyond what its header needs.
-
-    The header is inflated and checked first; then at most `nifti_header.inflate_limit` bytes
-    are inflated, so neither a header declaring gigabytes nor a gzip bomb behind a small
-    header costs more memory than the data the header may declare.
-
-    Raises:
-        NiftiHeaderError: an invalid header, more voxels than `max_voxels`, or data that inflate
-            beyond the header's size plus `nifti_header.TRAILING_SLACK`.
-        EOFError, zlib.error: truncated or corrupt gzip data.
-    """
-    layout = nifti_header.parse_header(_inflate(data, nifti_header.HEADER_PREFIX),
-                                       max_voxels=max_voxels)
-    limit = nifti_header.inflate_limit(layout)
-    out = _inflate(data, limit + 1)
-    if len(out) > limit:
-        raise nifti_header.NiftiHeaderError(
-            f"gzip data inflate beyond the {layout.end:,} bytes its header declares "
-            f"({layout.describe()}): corrupt file or not a single NIfTI volume")
-    return out
-
-
-def _inflate(data: bytes, max_length: int) -> bytes:
-    """The first `max_length` bytes (or all, if fewer) of the gzip members in `data`.
-
-    Like `gzip.decompress` (several members, zero padding between them), but bounded.
-
-    Raises:
-        EOFError: the data end inside a member before `max_length` bytes came out.
-        zlib.error: corrupt data or a CRC/length mismatch.
-    """
-    parts: list[bytes] = []
-    total = 0
-    while total < max_length:
-        member = zlib.decompressobj(31)
-        parts.append(member.decompress(data, max_length - total))
-        total += len(parts[-1])
-        if total >= max_length:
-            break
-        if not member.eof:
-            raise EOFError("gzip data end inside a member")
-        data = member.unused_data.lstrip(b"\0")
-        if not data:
-            break
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _array_view(proxy: object, raw: bytes) -> np.ndarray | None:
-    """The voxel array as a read-only view of the decompressed bytes, or None.
-
-    nibabel copies the data out of its file object (about 11 ms per BraTS volume); when the
-    file has no intensity scaling the bytes already are the array (Fortran order, as nibabel
-    returns it). None when scaling applies or the proxy is not a plain ArrayProxy.
-    Raises ValueError when the file holds fewer bytes than the header says.
-    """
-    if not isinstance(proxy, nib.arrayproxy.ArrayProxy) or proxy.order != "F":
-        return None
-    if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0:
-        return None
-    shape = tuple(int(n) for n in proxy.shape)
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(raw, dtype=proxy.dtype, count=count,
-                         offset=int(proxy.offset)).reshape(shape, order="F")
-
-
-def _check_volume(vol: _Volume, case_id: str, path: Path, role: str, ref: _Volume | None,
-                  ref_role: str | None) -> list[list[int]] | None:
+def _check_volume(vol: NiftiVolume, case_id: str, path: Path, role: str,
+                  ref: NiftiVolume | None, ref_role: str | None) -> list[list[int]] | None:
     """Check one file's volume; returns its non-zero box (computed here, while in cache)."""
     if vol.data.ndim != 3:
         raise CaseError(case_id, path, f"expected a 3D volume, got {vol.data.ndim}D shape "
@@ -209,7 +116,7 @@ def _check_volume(vol: _Volume, case_id: str, path: Path, role: str, ref: _Volum
 
 
 def _load_case(source: CaseSource, labels_required: bool
-               ) -> tuple[dict[str, np.ndarray], np.ndarray | None, _Volume, dict[str, dict],
+               ) -> tuple[dict[str, np.ndarray], np.ndarray | None, NiftiVolume, dict[str, dict],
                           list[list[int]]]:
     """Load and check all files.
 
@@ -234,7 +141,7 @@ def _load_case(source: CaseSource, labels_required: bool
             boxes.append(nonzero_box(channels[name]))
             if boxes[-1] is None:
                 raise CaseError(cid, path, f"all-zero volume in channel {i} ({name})")
-        ref, ref_role = _Volume(vol.data[..., 0], vol.affine, vol.zooms, vol.sha256), "image"
+        ref, ref_role = NiftiVolume(vol.data[..., 0], vol.affine, vol.zooms, vol.sha256), "image"
     else:
         ref, ref_role = None, None
         for role in CHANNELS:

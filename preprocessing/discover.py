@@ -16,11 +16,19 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtcmkd.brats import CHANNELS, RELEASE_INFO, Release, release, release_of_case_id
+from mtcmkd.brats import (
+    CHANNELS,
+    RELEASE_INFO,
+    Release,
+    odd_segmentation_name,
+    release,
+    release_of_case_id,
+)
+from mtcmkd.nifti_io import is_nifti_name, strip_nifti_extension
+from mtcmkd.raw_tree import NotTaken, RawFolder, walk_raw
 
 
 class DatasetError(Exception):
@@ -47,18 +55,10 @@ class CaseSource:
         return "seg" in self.files
 
 
-def _is_nifti(name: str) -> bool:
-    return (name.endswith(".nii") or name.endswith(".nii.gz")) and not name.startswith(".")
-
-
-def _strip_ext(name: str) -> str:
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
-
-
 def _find_role(files: list[str], case_id: str, info: Release, role: str) -> list[str]:
     suffix = info.seg_suffix if role == "seg" else info.modality_suffix[role]
     stem = f"{case_id}{info.separator}{suffix}"
-    return [f for f in files if _strip_ext(f) == stem]
+    return [f for f in files if strip_nifti_extension(f) == stem]
 
 
 def _brats_case(folder: Path, info: Release, files: list[str]) -> CaseSource:
@@ -73,12 +73,11 @@ def _brats_case(folder: Path, info: Release, files: list[str]) -> CaseSource:
         if found:
             case.files[role] = folder / found[0]
         elif role == "seg":
-            # Some 2020 copies name case 355's seg differently (e.g. W39_1998.09.19_Segm.nii):
-            # accept exactly one other NIfTI whose name says "seg".
+            # A seg named otherwise (case 355 of some 2020 copies): brats.odd_segmentation_name.
             used = {p.name for p in case.files.values()}
-            others = [f for f in files if f not in used and "seg" in f.lower()]
-            if len(others) == 1:
-                case.files["seg"] = folder / others[0]
+            odd = odd_segmentation_name([f for f in files if f not in used])
+            if odd is not None:
+                case.files["seg"] = folder / odd
         else:
             expected = info.file_name(case_id, role)
             case.problem = f"missing {role} modality (expected {expected} or .nii)"
@@ -87,77 +86,12 @@ def _brats_case(folder: Path, info: Release, files: list[str]) -> CaseSource:
     return case
 
 
-@dataclass(frozen=True)
-class NotTaken:
-    """A file or folder of the raw tree that no case uses, and why (shown to the user)."""
-
-    path: Path
-    reason: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"path": str(self.path), "reason": self.reason}
-
-
 @dataclass
 class RawScan:
     """What a raw tree holds: the cases, and every entry that is not part of one."""
 
     cases: list[CaseSource]
     not_taken: list[NotTaken]
-
-
-@dataclass
-class RawFolder:
-    """One folder met by `walk_raw`: its sub-folders, NIfTI files and other files (names)."""
-
-    path: Path
-    subfolders: list[str]
-    niftis: list[str]
-    others: list[str]
-    empty: bool = False
-
-
-def walk_raw(root: Path, not_taken: list[NotTaken]) -> Iterator[RawFolder]:
-    """Every folder under `root` (itself first), depth first in name order.
-
-    Symbolic links to folders are followed (clusters often link case folders in from a shared
-    copy); a folder reached twice (a second link to it, or a link cycle) is read once and the
-    later path is recorded in `not_taken`, as are hidden entries (`.DS_Store`, macOS `._*`),
-    broken links and unreadable folders. Nothing is skipped without an entry in `not_taken`.
-    """
-    seen: dict[str, Path] = {}
-
-    def visit(folder: Path) -> Iterator[RawFolder]:
-        real = os.path.realpath(folder)
-        if real in seen:
-            not_taken.append(NotTaken(folder, f"same folder as {seen[real]} (a symbolic link); "
-                                              "read once"))
-            return
-        seen[real] = folder
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            not_taken.append(NotTaken(folder, f"cannot read the folder ({exc.strerror})"))
-            return
-        here = RawFolder(folder, [], [], [], empty=not entries)
-        for entry in entries:
-            path = folder / entry.name
-            if entry.name.startswith("."):
-                not_taken.append(NotTaken(path, "hidden entry (names starting with '.' are "
-                                                "ignored)"))
-            elif entry.is_dir():  # follows symbolic links
-                here.subfolders.append(entry.name)
-            elif entry.is_file():
-                (here.niftis if _is_nifti(entry.name) else here.others).append(entry.name)
-            elif entry.is_symlink():
-                not_taken.append(NotTaken(path, "broken symbolic link"))
-            else:
-                not_taken.append(NotTaken(path, "not a regular file or folder"))
-        yield here
-        for name in here.subfolders:
-            yield from visit(folder / name)
-
-    yield from visit(root)
 
 
 def _not_a_case_reason(folder: RawFolder, forced: Release | None) -> str:
@@ -216,9 +150,9 @@ def _scan_msd(raw: Path, not_taken: list[NotTaken]) -> list[CaseSource]:
         if not d.is_dir():
             continue
         for name in sorted(os.listdir(d)):
-            if not _is_nifti(name):
+            if not is_nifti_name(name):
                 continue  # reported by the walk
-            case_id = _strip_ext(name)
+            case_id = strip_nifti_extension(name)
             case = CaseSource(case_id=case_id, release=info.name, folder=d)
             case.files["image"] = d / name
             if labels_dir is not None:
@@ -232,7 +166,7 @@ def _scan_msd(raw: Path, not_taken: list[NotTaken]) -> list[CaseSource]:
     labels = raw / "labelsTr"
     if labels.is_dir():
         for name in sorted(os.listdir(labels)):
-            if _is_nifti(name) and name not in images_of_labels:
+            if is_nifti_name(name) and name not in images_of_labels:
                 not_taken.append(NotTaken(labels / name, f"label without an image "
                                                          f"(no imagesTr/{name})"))
     return cases

@@ -27,8 +27,8 @@ from mtcmkd.cli.predict import predict
 from mtcmkd.cli.report import report
 from mtcmkd.config import config_hash, dump_config, load_config, to_dict
 from mtcmkd.data import StoreInfo, split_cases
-from mtcmkd.figures import overlay_png, tumour_centre
 from mtcmkd.models import build_network
+from mtcmkd.plots import overlay_png, tumour_centre
 from mtcmkd.preprocessing import preprocess
 from mtcmkd.student_weights import save_student
 
@@ -114,6 +114,7 @@ def one_line_error(result) -> str:
 # ------------------------------------------------------------------------------------ predict
 
 
+@pytest.mark.integration
 def test_predict_folder_of_cases_keeps_affine_and_header(env, tmp_path):
     out = tmp_path / "pred"
     result = invoke("predict", "--model", env["run"], "--input", env["raw"], "--output", out)
@@ -456,6 +457,7 @@ def test_report_from_a_synthetic_log(env, tmp_path):
 # ---------------------------------------------------------------------------- real BraTS data
 
 
+@pytest.mark.integration
 @pytest.mark.real_data
 @pytest.mark.skipif(not SHARED_SAMPLE.is_dir(),
                     reason=f"real BraTS sample not found at {SHARED_SAMPLE} (needs ../shared)")

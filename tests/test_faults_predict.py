@@ -27,8 +27,8 @@ from mtcmkd.cli.predict import predict
 from mtcmkd.data import StoreInfo, split_cases
 from mtcmkd.data.store import store_fingerprint
 from mtcmkd.evaluation import discover_prediction_inputs, modality_in_file_name
+from mtcmkd.phantom import write_case
 from mtcmkd.preprocessing import preprocess
-from mtcmkd.synth import write_case
 
 SHAPE = (24, 28, 20)
 

@@ -1,0 +1,74 @@
+"""Segment one case from its files, and write the result as the release would.
+
+:func:`predict_case` reads the student's channels (:mod:`.case_files`) and runs the library's
+whole-volume inference (:func:`mtcmkd.inference.predict_volume`: brain crop, z-score, sliding
+window, uncrop); nothing here re-implements inference. :func:`write_prediction` writes the
+labels in the release's values with the input's affine and header.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtcmkd.evaluation.case_files import LoadedInput, load_prediction_input
+from mtcmkd.evaluation.prediction_inputs import PredictionInput
+from mtcmkd.evaluation.rules import postprocess_labels
+from mtcmkd.inference import predict_volume, to_release_labels
+from mtcmkd.nifti_io import InputError, write_label_nifti
+from mtcmkd.student_weights import StudentBundle
+
+__all__ = ["CasePrediction", "predict_case", "write_prediction"]
+
+
+@dataclass
+class CasePrediction:
+    """The result of :func:`predict_case`.
+
+    Attributes:
+        labels: canonical labels on the native grid (after post-processing, if any).
+        loaded: the input channels (for overlays).
+        et_relabelled: the post-processing turned this case's predicted ET into NCR/NETC.
+        seconds: wall time of reading and inference.
+    """
+
+    labels: np.ndarray
+    loaded: LoadedInput
+    et_relabelled: bool
+    seconds: float
+
+
+def predict_case(bundle: StudentBundle, item: PredictionInput, *, overlap: float = 0.5,
+                 mirror: bool = False, postprocess_et: int | None = None,
+                 device: torch.device | str | None = None) -> CasePrediction:
+    """Segment one case from its raw files (brain crop, z-score, sliding window, uncrop).
+
+    The same normalisation as preprocessing: each channel z-scored on its non-zero voxels of the
+    brain crop (:func:`mtcmkd.inference.predict_volume`). Nothing is written.
+
+    Raises:
+        InputError: a bad file (see :func:`load_prediction_input`), or a brain of constant
+            intensity that cannot be normalised.
+    """
+    start = time.perf_counter()
+    loaded = load_prediction_input(item)
+    try:
+        result = predict_volume(bundle.network, loaded.image, bundle.patch_size, bundle.n_out,
+                                bundle.output, overlap=overlap, mirror=mirror, device=device)
+    except ValueError as exc:  # all-zero or constant brain
+        raise InputError(item.reference, str(exc)) from None
+    labels, relabelled = postprocess_labels(result.labels, postprocess_et)
+    return CasePrediction(labels, loaded, relabelled, time.perf_counter() - start)
+
+
+def write_prediction(labels: np.ndarray, item: PredictionInput, out_dir: Path) -> Path:
+    """Write ``out_dir/<case_id>.nii.gz``: release label values, the input's affine and header.
+
+    Atomic (temporary name, then rename): the file is complete or absent.
+    """
+    return write_label_nifti(to_release_labels(labels, item.release), item.reference,
+                             Path(out_dir) / f"{item.case_id}.nii.gz")

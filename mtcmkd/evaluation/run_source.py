@@ -1,0 +1,273 @@
+"""A run's held-out cases as the cases to score (`mtcmkd evaluate --run`).
+
+The cases are the run's recorded validation cases (``RUN/splits.json``, written by training),
+never recomputed from the store's folds, which change when cases are added; the store must be
+the one the run saw (its fingerprint is compared with the recorded one). Each case is predicted
+on the store's brain crop and put back on the original grid with its truth
+(:func:`store_scoring_cases`), so scores count every voxel of the source volume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtcmkd.config import ConfigError, load_config
+from mtcmkd.data import StoreFormatError, StoreInfo, open_store, split_cases
+from mtcmkd.data.store import check_store_complete, store_fingerprint
+from mtcmkd.evaluation.errors import EvaluationError
+from mtcmkd.evaluation.rules import ScoringCase
+from mtcmkd.inference import predict_volume, uncrop
+from mtcmkd.integrity import CheckpointError
+from mtcmkd.nifti_io import InputError
+from mtcmkd.student_weights import StudentBundle, load_student, resolve_student_path
+
+__all__ = [
+    "SPLITS_FILE",
+    "RecordedSplit",
+    "RunEvaluationInputs",
+    "read_recorded_split",
+    "run_evaluation_inputs",
+    "store_scoring_cases",
+]
+
+
+#: The file in which `mtcmkd train` records its split and the store it saw.
+SPLITS_FILE = "splits.json"
+
+
+@dataclass(frozen=True)
+class RecordedSplit:
+    """A run's ``splits.json``: the cases it trained and validated on, and the store's
+    fingerprint at that time (:func:`mtcmkd.data.store_fingerprint`)."""
+
+    path: Path
+    store: str | None
+    store_fingerprint: str
+    fold: int | None
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+def read_recorded_split(run_dir: Path) -> RecordedSplit | None:
+    """``RUN/splits.json``, or None for a run trained before runs recorded their split.
+
+    Raises:
+        InputError: the file exists but is unreadable or lacks the expected keys.
+    """
+    path = Path(run_dir) / SPLITS_FILE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        lists = {key: tuple(str(c) for c in doc.get(key) or ())
+                 for key in ("train", "validation", "test")}
+        fingerprint = doc["store_fingerprint"]
+        fold = doc.get("fold")
+        if not isinstance(fingerprint, str) or not (fold is None or isinstance(fold, int)):
+            raise TypeError("store_fingerprint must be a string and fold an integer")
+        store = doc.get("store")
+        return RecordedSplit(path, None if store is None else str(store), fingerprint, fold,
+                             lists["train"], lists["validation"], lists["test"])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read it ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(path, f"not a valid split record ({type(exc).__name__}: {exc}); "
+                               "expected store, store_fingerprint, fold, train, validation, "
+                               "test") from None
+
+
+def _shown(ids: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(ids[:limit]) + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _store_changes(recorded: RecordedSplit, info: StoreInfo) -> dict[str, Any]:
+    """How the store's labelled cases differ from the recorded split (as far as one can tell)."""
+    before = set(recorded.train) | set(recorded.validation) | set(recorded.test)
+    now = set(info.labelled_cases)
+    changes: dict[str, Any] = {"added": sorted(now - before), "removed": sorted(before - now)}
+    if recorded.fold is not None:
+        try:
+            held_out_now = split_cases(info, recorded.fold)[1]
+        except ValueError:
+            held_out_now = []
+        # The danger: cases the run trained on now sit in its held-out fold.
+        changes["trained_on_now_held_out"] = sorted(set(held_out_now) & set(recorded.train))
+    return changes
+
+
+def _describe_changes(changes: dict[str, Any], fold: int | None) -> str:
+    parts = [f"{len(changes['added'])} case(s) added" + (
+                 f" ({_shown(changes['added'])})" if changes["added"] else ""),
+             f"{len(changes['removed'])} removed" + (
+                 f" ({_shown(changes['removed'])})" if changes["removed"] else "")]
+    leaked = changes.get("trained_on_now_held_out") or []
+    if leaked:
+        parts.append(f"fold {fold} now holds {len(leaked)} case(s) the run trained on "
+                     f"({_shown(leaked)})")
+    if not changes["added"] and not changes["removed"] and not leaked:
+        parts.append("cases re-converted or folds re-dealt")
+    return ", ".join(parts)
+
+
+@dataclass
+class RunEvaluationInputs:
+    """What `evaluate --run` scores: the run's student, its store and the chosen cases.
+
+    Attributes:
+        split_recorded: the run has ``splits.json`` (its validation cases are the recorded
+            ones); False for older runs (the store's current fold is used).
+        store_check: the fingerprint comparison, copied into metrics.json's ``source``.
+        notes: one-line notes for the user (an unrecorded split, a changed store allowed).
+    """
+
+    bundle: StudentBundle
+    student_path: Path
+    store: Path
+    fold: int
+    case_ids: list[str]
+    split_recorded: bool = False
+    store_check: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str = "val", *,
+                          allow_changed_store: bool = False) -> RunEvaluationInputs:
+    """Load a run's best (else last) student and pick the cases to score.
+
+    The cases of "val" are the run's recorded validation cases (``RUN/splits.json``, written
+    by training), never recomputed from the store's folds, which change when cases are added.
+    The store must be the one the run saw: its fingerprint is compared with the recorded one,
+    and a changed store is refused unless `allow_changed_store` (then the change is in
+    ``store_check`` and ``notes``). A run without ``splits.json`` (trained before runs recorded
+    their split) scores the store's current fold ``data.fold``, with a note saying so.
+
+    Args:
+        run_dir: a run folder of `mtcmkd train` (config.yaml plus best_student.pt/student.pt).
+        store: the Zarr store; default the run config's ``data.store`` (relative to the working
+            directory, as in training), else the store recorded in ``splits.json``.
+        split: "val": the run's held-out cases; "all": every labelled case of the store
+            (training cases included: optimistic).
+        allow_changed_store: score even when the store changed since training.
+
+    Raises:
+        EvaluationError: missing or invalid run files or store, an unknown split, a store
+            without the student's modalities, a store changed since training (not allowed),
+            or recorded validation cases absent from the store (one line naming the file).
+    """
+    run_dir = Path(run_dir)
+    if split not in ("val", "all"):
+        raise EvaluationError(f"--split {split!r}: expected val or all")
+    if not run_dir.is_dir():
+        raise InputError(run_dir, "not a run folder of `mtcmkd train`" if run_dir.exists()
+                         else "no such run folder")
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        student_path = resolve_student_path(run_dir)
+        bundle = load_student(student_path)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as exc:
+        raise EvaluationError(str(exc)) from None  # messages name the file
+    recorded = read_recorded_split(run_dir)
+    store_path = Path(store) if store is not None else (
+        Path(cfg.data.store) if cfg.data.store is not None else (
+            Path(recorded.store) if recorded is not None and recorded.store else None))
+    if store_path is None:
+        raise InputError(run_dir / "config.yaml", "data.store is not set; pass --store")
+    try:
+        info = StoreInfo.read(store_path)
+        check_store_complete(store_path)
+    except (FileNotFoundError, StoreFormatError) as exc:
+        raise EvaluationError(str(exc)) from None
+    missing = [c for c in bundle.channels if c not in info.channels]
+    if missing:
+        raise InputError(store_path, f"the store has no {', '.join(missing)} channel "
+                                     f"(has {', '.join(info.channels)})")
+
+    notes: list[str] = []
+    fold = cfg.data.fold
+    store_check: dict[str, Any] = {"split_recorded": recorded is not None}
+    if recorded is None:
+        notes.append(f"{run_dir}: no {SPLITS_FILE} (the run predates recorded splits): its "
+                     f"split was not recorded, so fold {fold} is taken as the store deals it "
+                     "now; if cases were added since training it may hold training cases")
+    else:
+        fold = recorded.fold if recorded.fold is not None else fold
+        try:
+            current = store_fingerprint(store_path)
+        except (OSError, ValueError) as exc:
+            raise InputError(store_path, f"cannot fingerprint the store ({exc})") from None
+        store_check.update({"recorded_fingerprint": recorded.store_fingerprint,
+                            "fingerprint": current,
+                            "changed": current != recorded.store_fingerprint})
+        if current != recorded.store_fingerprint:
+            changes = _store_changes(recorded, info)
+            what = (f"store changed since training (its fingerprint differs from the one in "
+                    f"{recorded.path}): {_describe_changes(changes, recorded.fold)}")
+            if not allow_changed_store:
+                raise InputError(store_path, f"{what}; scores could count training cases as "
+                                             "held out. Pass --allow-changed-store to score "
+                                             "the run's recorded validation cases anyway")
+            store_check.update(changes, allowed=True)
+            notes.append(f"{store_path}: {what}; scoring the run's recorded validation cases "
+                         "(--allow-changed-store)")
+
+    if split == "all":
+        case_ids = list(info.labelled_cases)
+    elif recorded is not None:
+        case_ids = list(recorded.validation)
+        absent = [c for c in case_ids if c not in set(info.labelled_cases)]
+        if absent:
+            raise InputError(store_path, f"{len(absent)} of the run's {len(case_ids)} recorded "
+                                         f"validation case(s) are not labelled cases of the "
+                                         f"store ({_shown(absent)}); they cannot be scored")
+    else:
+        try:
+            case_ids = split_cases(info, fold)[1]
+        except ValueError as exc:
+            raise InputError(store_path, str(exc)) from None
+    if not case_ids:
+        raise InputError(store_path, "no labelled case to evaluate")
+    return RunEvaluationInputs(bundle, student_path, store_path, fold, case_ids,
+                               split_recorded=recorded is not None, store_check=store_check,
+                               notes=notes)
+
+
+def store_scoring_cases(bundle: StudentBundle, store: Path, case_ids: Sequence[str], *,
+                        overlap: float = 0.5, mirror: bool = False,
+                        device: torch.device | str | None = None,
+                        with_image: bool = False) -> Iterator[ScoringCase]:
+    """Predict store cases and put prediction and truth back on the original grid.
+
+    The store holds brain-cropped, z-scored images (docs/STORE.md); the prediction runs on the
+    crop without renormalising (it is already z-scored as the student was trained), and both
+    prediction and truth are uncropped with the case's ``crop_bbox`` to ``original_shape``, so
+    scores count every voxel of the source volume as BraTS does (specificity included).
+    """
+    root = open_store(store)
+    channels = list(root.attrs["channels"])
+    index = [channels.index(c) for c in bundle.channels]
+    for case_id in case_ids:
+        group = root["cases"][case_id]
+        if "label" not in group:
+            raise InputError(Path(store) / "cases" / case_id, "case has no label to score")
+        attrs = group.attrs
+        bbox, shape = attrs["crop_bbox"], attrs["original_shape"]
+        image = np.asarray(group["image"][index], dtype=np.float32)
+        result = predict_volume(bundle.network, image, bundle.patch_size, bundle.n_out,
+                                bundle.output, overlap=overlap, mirror=mirror, normalize=False,
+                                device=device)
+        yield ScoringCase(
+            case_id=case_id,
+            prediction=uncrop(result.labels, bbox, shape),
+            truth=uncrop(np.asarray(group["label"][...]), bbox, shape),
+            spacing=tuple(float(s) for s in attrs["spacing"]),  # type: ignore[arg-type]
+            image=uncrop(image[0], bbox, shape) if with_image else None,
+            affine=np.asarray(attrs["affine"], dtype=np.float64),
+        )

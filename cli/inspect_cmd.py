@@ -28,9 +28,10 @@ def inspect_config(
         cfg = load_config(config, overrides or ())
     except ConfigError as exc:
         fail(str(exc))
+    # torch and the networks only once the config is valid: a bad config reports at once.
     import torch
 
-    from mtcmkd.methods import build_method
+    from mtcmkd.methods.build import build_method
 
     # Parameters on the meta device: counting needs no memory and no initialisation.
     try:

@@ -5,7 +5,11 @@ checks its own fields in ``__post_init__`` (types, ranges, names) and raises
 :class:`ConfigError` with the full key path in the message, e.g.
 ``method.kd_temperature: must be > 0 (got -1)``. Checks that involve two sections (the patch
 size against the network stride, a method against the output kind) live in
-``RunConfig.__post_init__``.
+``RunConfig.__post_init__`` and in each method's ``check_run``.
+
+The method section holds the method's name, its modalities and the method's own options, a
+dataclass that lives next to the method (:mod:`mtcmkd.methods.options`) and is looked up by
+name in the method registry (:mod:`mtcmkd.methods.registry`): this module knows no method.
 
 Sources, in order: a YAML file (:func:`load_config`), then ``--set``-style overrides
 ``section.key=value`` whose values are parsed with ``yaml.safe_load`` (so ``[64,64,64]``,
@@ -24,21 +28,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from mtcmkd.atomic import atomic_write_text
 from mtcmkd.brats import CHANNELS
+from mtcmkd.config_fields import ConfigError, Section, coerce, fmt, hints
+from mtcmkd.methods.options import BUILTIN_METHODS, MethodOptions
+from mtcmkd.methods.registry import method_names, option_owners, options_class
 
 __all__ = [
+    "DEFAULT_WIDTHS",
     "MODALITIES",
     "ConfigError",
     "DataConfig",
@@ -56,179 +62,22 @@ __all__ = [
 MODALITIES: tuple[str, ...] = CHANNELS
 """Valid modality names (the store's channel names): t1, t1ce, t2, flair."""
 
-#: Default widths per network kind; equal to mtcmkd.models.DEFAULT_WIDTHS / KDNET_DEFAULT_WIDTHS
-#: (duplicated so this module stays torch-free; a test checks that they agree).
 DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
     "resunet": (32, 64, 128, 256),
     "kdnet": (16, 32, 64, 128, 256),
 }
-
-#: MTCM-KD's teacher preference order: a student's teachers are the other modalities, in this
-#: order (t1ce student -> flair, t2, t1; t1 student -> flair, t2, t1ce, as in the paper).
-_MTCMKD_TEACHER_ORDER: tuple[str, ...] = ("flair", "t2", "t1", "t1ce")
-
-#: Default KD temperature per method (MTCM-KD: 20; KD-Net: 5); methods without KD have none.
-_DEFAULT_TEMPERATURE: dict[str, float] = {"mtcmkd": 20.0, "kdnet": 5.0}
+"""Default widths per network kind: the one copy, here because this module must stay
+torch-free; ``mtcmkd.models`` (``DEFAULT_WIDTHS``, ``KDNET_DEFAULT_WIDTHS``) takes its values
+from it."""
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message starts with the offending key path."""
-
-
-# ----------------------------------------------------------------------------- coercion helpers
-
-
-def _fmt(value: Any) -> str:
-    """Show a value in an error message the way a user wrote it (-1.0 -> -1, 'x' -> 'x')."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and normalise it (lists -> tuples,
-    ints -> floats for float fields, a mapping -> the section dataclass).
-
-    Strings are accepted for float fields when they parse as a number, because YAML 1.1 (what
-    PyYAML implements) reads ``1e-4`` (no dot) as a string.
-    """
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = [a for a in get_args(tp) if a is not type(None)]
-        if value is None:
-            if len(options) < len(get_args(tp)):
-                return None
-            raise ConfigError(f"{path}: must not be null")
-        if len(options) == 1:
-            return _coerce(value, options[0], path)
-        raise TypeError(f"unsupported annotation {tp}")  # not used by the config classes
-    if value is None:
-        raise ConfigError(f"{path}: must not be null (expected {_type_name(tp)})")
-    if origin is Literal:
-        choices = get_args(tp)
-        if not isinstance(value, str) or value not in choices:
-            raise ConfigError(
-                f"{path}: must be one of {', '.join(repr(c) for c in choices)} (got {_fmt(value)})"
-            )
-        return value
-    if origin is tuple:
-        args = get_args(tp)
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            raise ConfigError(f"{path}: expected a list, got {_fmt(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(
-                f"{path}: expected a list of {len(args)} values (got {_fmt(tuple(value))})"
-            )
-        pairs = zip(value, args, strict=True)
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(pairs))
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        return tp.from_dict(value, path)  # type: ignore[attr-defined]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = None
-        if number is not None:
-            if not math.isfinite(number):
-                raise ConfigError(f"{path}: must be a finite number (got {_fmt(value)})")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"unsupported annotation {tp}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_fmt(value)}")
-
-
-class _Section:
-    """Shared machinery of the config dataclasses: coerce fields to their annotations, then
-    run the section's own ``_validate``. ``_path`` is the section's key path in messages."""
-
-    _path: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = _coerce(getattr(self, f.name), hints[f.name], self._key(f.name))
-            object.__setattr__(self, f.name, value)
-        self._validate()
-
-    def _key(self, name: str) -> str:
-        return f"{self._path}.{name}" if self._path else name
-
-    def _validate(self) -> None:
-        """Range and cross-field checks of the section (after coercion)."""
-
-    def _require(self, ok: bool, name: str, rule: str) -> None:
-        if not ok:
-            raise ConfigError(f"{self._key(name)}: {rule} (got {_fmt(getattr(self, name))})")
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str | None = None) -> Any:
-        """Build the section from a mapping; unknown keys are rejected with the valid ones.
-
-        ``None`` (an empty YAML section such as ``train:``) means all defaults.
-        """
-        path = cls._path if path is None else path
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {_fmt(data)}")
-        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        for key in data:
-            if key not in names:
-                where = f"{path}.{key}" if path else str(key)
-                raise ConfigError(f"{where}: unknown key; valid keys: {', '.join(names)}")
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            required = dataclasses.MISSING is f.default and dataclasses.MISSING is f.default_factory
-            if required and f.name not in data:
-                where = f"{path}.{f.name}" if path else f.name
-                raise ConfigError(f"{where}: required key is missing")
-        return cls(**dict(data))
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = get_type_hints(cls)
-    return _HINTS[cls]
 
 
 # ------------------------------------------------------------------------------------ sections
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the training patches come from and how they are sampled."""
 
     _path: ClassVar[str] = "data"
@@ -260,7 +109,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The network architecture shared by every network of a method (teachers and student)."""
 
     _path: ClassVar[str] = "model"
@@ -313,142 +162,178 @@ class ModelConfig(_Section):
             self._require(len(widths) >= 3, "widths", "kdnet needs at least 3 levels")
 
 
+def _flat_layout_v1() -> dict[str, Any]:
+    """Every option key of the built-in methods with its default, in their order.
+
+    The method section was one flat dataclass (the union of the four methods' options) until
+    the options moved next to the methods, and the config hash of every existing run, its
+    checkpoints and its student files was computed over that layout. So :func:`to_dict` still
+    writes it: the chosen method's options, and every other built-in option at its default.
+    Reading such a file back accepts those keys at those defaults (they change nothing).
+    """
+    layout: dict[str, Any] = {}
+    for options in BUILTIN_METHODS:
+        for f in dataclasses.fields(options):
+            # Two methods sharing a key must share its default, or the layout is ambiguous.
+            assert layout.get(f.name, f.default) == f.default, f"{f.name}: two defaults"
+            layout[f.name] = f.default
+    return layout
+
+
+_FLAT_LAYOUT_V1: dict[str, Any] = _flat_layout_v1()
+
+
+def _is_layout_default(key: str, value: Any) -> bool:
+    """Whether ``method.<key>: value`` is an entry of the v1 layout at its default."""
+    if key not in _FLAT_LAYOUT_V1:
+        return False
+    owner = next(o for o in BUILTIN_METHODS if key in o.field_names())
+    try:
+        return coerce(value, hints(owner)[key], f"method.{key}") == _FLAT_LAYOUT_V1[key]
+    except ConfigError:
+        return False
+
+
 @dataclass(frozen=True, kw_only=True)
-class MethodConfig(_Section):
-    """Which distillation method runs and its loss weights (METHODS.md has the facts)."""
+class MethodConfig(Section):
+    """Which method runs, what its networks see, and the method's own options.
+
+    In a file the options sit flat next to the name (``method: {name: mtcmkd,
+    kd_total_weight: 0.15}``); :meth:`from_dict` hands each key to the chosen method's options
+    class. A key of another method is an error naming that method, except at the default the
+    v1 layout writes (see :func:`_flat_layout_v1`).
+    """
 
     _path: ClassVar[str] = "method"
+    _COMMON: ClassVar[tuple[str, ...]] = ("name", "student_modalities", "teacher_modalities")
 
-    name: Literal["baseline", "mtcmkd", "kdnet", "barlow"]
-    """baseline: the student alone; mtcmkd: 3 unimodal teachers + CDSFL + student, online;
-    kdnet: one multimodal teacher, two stages; barlow: single-stage Barlow Twins KD."""
+    name: str
+    """A registered method: baseline (the student alone), mtcmkd (3 unimodal teachers + CDSFL
+    + student, online), kdnet (one multimodal teacher, two stages), barlow (single-stage Barlow
+    Twins KD); docs/METHODS.md."""
     student_modalities: tuple[str, ...] = ("t1ce",)
-    """What the student (the exported network) sees. One modality for baseline, mtcmkd and
-    kdnet; one or two for barlow."""
+    """What the student (the exported network) sees; how many the method allows is its
+    ``student_count`` (one for mtcmkd and kdnet, one or two for barlow, any for baseline)."""
     teacher_modalities: tuple[str, ...] | None = None
     """mtcmkd: one unimodal teacher per entry (default: the other modalities in the order
-    flair, t2, t1, t1ce, i.e. flair/t2/t1 for a t1ce student and flair/t2/t1ce for t1);
-    kdnet/barlow: the input channels of the one multimodal teacher (default all four);
-    baseline: must stay null."""
-    preset: Literal["default", "paper"] = "default"
-    """mtcmkd's KD scaling: "default" = voxel mean x T^2; "paper" = the authors' code (sum over
-    voxels / batch x T, ~1e5 times larger at 128^3). Other methods have no such choice."""
-    kd_temperature: float | None = None
-    """KD softening temperature T; ``None``: the method's default (mtcmkd 20, kdnet 5)."""
-    kd_total_weight: float = 0.15
-    """MTCM-KD's P: the teacher weights alpha_i sum to it."""
-    cdsfl_weight: float = 0.10
-    """MTCM-KD's lambda_c: weight of the CDSFL fusion loss in the teachers' loss (0.08 in the
-    authors' final code, 0.10 for the reported results)."""
-    seg_weight: float = 0.75
-    """MTCM-KD: weight of the student's own segmentation loss once KD is on."""
-    ds_weight: float = 0.10
-    """Deep-supervision weight: MTCM-KD's student half-resolution head; Barlow's DS CE terms."""
-    ds_seg_fraction: float = 0.7
-    """MTCM-KD: share of the DS weight for the DS segmentation term; the rest (0.3) goes to
-    KD from the CDSFL fusion."""
-    kd_start_epoch: int = 1
-    """MTCM-KD: first epoch (0-based) with KD; before it the student trains on L_seg alone."""
-    performance_metric: Literal["wt", "wt_tc"] = "wt"
-    """MTCM-KD teacher performance: whole-tumour Dice, or (WT + TC) / 2 (what the authors used
-    for the t1 student)."""
-    performance_dice: Literal["patch3d", "slice2d"] = "patch3d"
-    """MTCM-KD: how a teacher's Dice (its performance, hence its weight alpha) is measured.
-    "patch3d": the 3D hard Dice of each training patch, patches empty in truth and prediction
-    skipped (the BraTS reading). "slice2d": the authors' code, the mean over 2D slices with a
-    slice empty in both scoring 1, which keeps every teacher near 1 and alpha nearly uniform
-    (docs/METHODS.md section 3.2)."""
-    kdnet_lambda: float = 0.75
-    """KD-Net lambda: L = lambda L_KD + (1 - lambda) L_GT + beta L_KL."""
-    kdnet_beta: float = 10.0
-    """KD-Net beta: weight of the bottleneck KL term."""
-    kdnet_teacher_epochs: int = 1
-    """KD-Net stage-1 length: epochs [0, this) train the teacher, the rest the student."""
-    barlow_lambda_offdiag: float = 5e-3
-    """Barlow Twins redundancy weight on the off-diagonal correlations."""
-    barlow_weight: float = 1.0
-    """Weight of the Barlow Twins term. The method divides the loss (a sum over the D
-    bottleneck channels) by D, so 1.0 puts it on the scale of the segmentation loss."""
-    barlow_pool: int | None = 2
-    """Average-pool the bottleneck over k^3 blocks before the Barlow Twins loss (fewer, less
-    correlated samples); ``None`` uses every bottleneck voxel."""
+    flair, t2, t1, t1ce); kdnet/barlow: the input channels of the one multimodal teacher
+    (default all four); baseline: must stay null."""
+    options: MethodOptions = None  # type: ignore[assignment]  # filled in __post_init__
+    """The chosen method's options (its options class, e.g. ``MTCMKDOptions``); ``None`` or a
+    mapping on construction: the method's defaults, or built from the mapping."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ConfigError(f"method.name: expected a string, got {fmt(self.name)}")
+        options_type = options_class(self.name)
+        options: Any = self.options
+        if options is None:
+            options = options_type()
+        elif isinstance(options, Mapping):
+            options = options_type.from_dict(options)
+        elif type(options) is not options_type:
+            raise ConfigError(f"method.options: {type(options).__name__} given for method "
+                              f"{self.name!r}, which takes {options_type.__name__}")
+        object.__setattr__(self, "options", options)
+        super().__post_init__()
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str | None = None) -> MethodConfig:
+        """Build the section from the flat mapping under ``method:``.
+
+        Raises:
+            ConfigError: no ``name``, an unknown name, a key of another method (the message
+                names it) or a key of none.
+        """
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"method: expected a mapping of keys, got {fmt(data)}")
+        if "name" not in data:
+            raise ConfigError("method.name: required key is missing")
+        name = data["name"]
+        if not isinstance(name, str):
+            raise ConfigError(f"method.name: expected a string, got {fmt(name)}")
+        options_type = options_class(name)
+        own = options_type.field_names()
+        common: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in cls._COMMON:
+                common[key] = value
+            elif key in own:
+                options[key] = value
+            elif not _is_layout_default(key, value):
+                raise _foreign_key_error(name, str(key), value, own)
+        return cls(**common, options=options_type.from_dict(options))
+
+    @classmethod
+    def known_keys(cls) -> tuple[str, ...]:
+        """Every key ``method:`` may hold for some registered method (for ``--set``)."""
+        keys = dict.fromkeys(cls._COMMON)
+        for name in method_names():
+            keys.update(dict.fromkeys(options_class(name).field_names()))
+        return tuple(keys)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat mapping a file holds under ``method:`` (the v1 layout, see
+        :func:`_flat_layout_v1`): name, modalities, then the options."""
+        data: dict[str, Any] = {key: getattr(self, key) for key in self._COMMON}
+        data.update(_FLAT_LAYOUT_V1)
+        data.update({f.name: getattr(self.options, f.name)
+                     for f in dataclasses.fields(self.options)})
+        return data
 
     @property
     def effective_teacher_modalities(self) -> tuple[str, ...]:
-        """The teachers' modalities after defaults; () for baseline."""
+        """The teachers' modalities after the method's defaults; () for baseline."""
         if self.teacher_modalities is not None:
             return self.teacher_modalities
-        if self.name == "baseline":
-            return ()
-        if self.name == "mtcmkd":
-            return tuple(m for m in _MTCMKD_TEACHER_ORDER if m not in self.student_modalities)
-        return MODALITIES
-
-    @property
-    def effective_kd_temperature(self) -> float | None:
-        """``kd_temperature`` or the method's default; ``None`` for methods without KD."""
-        if self.kd_temperature is not None:
-            return self.kd_temperature
-        return _DEFAULT_TEMPERATURE.get(self.name)
+        return self.options.default_teacher_modalities(self.student_modalities)
 
     def _check_modalities(self, name: str, values: tuple[str, ...]) -> None:
         unknown = [m for m in values if m not in MODALITIES]
         if unknown:
             raise ConfigError(
-                f"{self._key(name)}: unknown modality {_fmt(unknown[0])}; valid: "
+                f"{self._key(name)}: unknown modality {fmt(unknown[0])}; valid: "
                 f"{', '.join(MODALITIES)}"
             )
         self._require(len(set(values)) == len(values), name, "must not repeat a modality")
 
     def _validate(self) -> None:
+        options = self.options
         self._check_modalities("student_modalities", self.student_modalities)
-        n_student = len(self.student_modalities)
-        if self.name == "barlow":
-            self._require(1 <= n_student <= 2, "student_modalities", "barlow needs 1 or 2")
-        elif self.name == "baseline":
-            # A plain supervised network on any inputs: also the full-modality reference.
-            self._require(n_student >= 1, "student_modalities", "baseline needs at least 1")
-        else:
-            self._require(n_student == 1, "student_modalities", f"{self.name} needs exactly 1")
+        low, high = options.student_count
+        self._require(low <= len(self.student_modalities) <= high, "student_modalities",
+                      f"{self.name} needs {options.student_count_rule()}")
         if self.teacher_modalities is not None:
             self._check_modalities("teacher_modalities", self.teacher_modalities)
-            if self.name == "baseline":
+            if not options.has_teachers:
                 raise ConfigError(
-                    f"{self._key('teacher_modalities')}: baseline has no teachers; leave it "
-                    f"null (got {_fmt(self.teacher_modalities)})"
+                    f"{self._key('teacher_modalities')}: {self.name} has no teachers; leave "
+                    f"it null (got {fmt(self.teacher_modalities)})"
                 )
         teachers = self.effective_teacher_modalities
-        if self.name != "baseline":
+        if options.has_teachers:
             self._require(len(teachers) >= 1, "teacher_modalities", "needs at least 1")
-        if self.name == "mtcmkd":
-            shared = [m for m in self.student_modalities if m in teachers]
-            if shared:
-                raise ConfigError(
-                    f"{self._key('teacher_modalities')}: mtcmkd teachers are cross-modal, the "
-                    f"student's modality {shared[0]!r} must not be a teacher "
-                    f"(got {_fmt(teachers)})"
-                )
-        # kdnet/barlow: the multimodal teacher may (and by default does) include the student's
-        # modalities; that is the published setting of both.
-        if self.kd_temperature is not None:
-            self._require(self.kd_temperature > 0, "kd_temperature", "must be > 0")
-        for name in ("kd_total_weight", "cdsfl_weight", "seg_weight", "ds_weight",
-                     "kdnet_beta", "barlow_lambda_offdiag", "barlow_weight"):
-            self._require(getattr(self, name) >= 0, name, "must be >= 0")
-        self._require(0.0 <= self.ds_seg_fraction <= 1.0, "ds_seg_fraction", "must be in [0, 1]")
-        self._require(0.0 <= self.kdnet_lambda <= 1.0, "kdnet_lambda", "must be in [0, 1]")
-        self._require(self.kd_start_epoch >= 0, "kd_start_epoch", "must be >= 0")
-        self._require(self.kdnet_teacher_epochs >= 0, "kdnet_teacher_epochs", "must be >= 0")
-        if self.name == "kdnet":
-            # Stage 2 distils from the stage-1 teacher: with no stage 1 it would be untrained.
-            self._require(self.kdnet_teacher_epochs >= 1, "kdnet_teacher_epochs",
-                          "kdnet needs >= 1 (stage 1 trains the teacher)")
-        if self.barlow_pool is not None:
-            self._require(self.barlow_pool >= 1, "barlow_pool", "must be >= 1 or null")
+        options.check_modalities(self.student_modalities, teachers)
+
+
+def _foreign_key_error(name: str, key: str, value: Any, own: tuple[str, ...]) -> ConfigError:
+    """The error for a key under ``method:`` that the chosen method does not take."""
+    owners = [m for m in option_owners(key) if m != name]
+    if owners:
+        which = ("method " if len(owners) == 1 else "methods ") + " and ".join(map(repr, owners))
+        return ConfigError(
+            f"method.{key}: an option of {which}, not of {name!r}; remove it, or set "
+            f"method.name to the method it belongs to (got {fmt(value)})"
+        )
+    valid = ", ".join((*MethodConfig._COMMON, *own))
+    return ConfigError(f"method.{key}: unknown key; valid keys: {valid}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Optimisation, precision, parallelism, checkpoints and logging of the training loop."""
 
     _path: ClassVar[str] = "train"
@@ -518,7 +403,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig(_Section):
+class RunConfig(Section):
     """A whole run: what :func:`load_config` returns and every run folder stores."""
 
     _path: ClassVar[str] = ""
@@ -539,38 +424,9 @@ class RunConfig(_Section):
         if any(p % stride for p in self.data.patch_size):
             raise ConfigError(
                 f"data.patch_size: every axis must be a multiple of the network stride {stride} "
-                f"(2**(len(model.widths) - 1)) (got {_fmt(self.data.patch_size)})"
+                f"(2**(len(model.widths) - 1)) (got {fmt(self.data.patch_size)})"
             )
-        method = self.method
-        if method.name == "kdnet":
-            if self.model.output == "regions":
-                raise ConfigError(
-                    "model.output: kdnet's losses are defined on softmax classes (the teacher's "
-                    "softmax soft targets); use 'softmax' with kdnet (got 'regions')"
-                )
-            if method.kdnet_teacher_epochs >= self.train.epochs:
-                raise ConfigError(
-                    f"method.kdnet_teacher_epochs: stage 1 must end before train.epochs "
-                    f"({self.train.epochs}) so the student trains "
-                    f"(got {method.kdnet_teacher_epochs})"
-                )
-        if method.name == "barlow":
-            bottleneck = [p // stride for p in self.data.patch_size]
-            pool = method.barlow_pool or 1
-            if any(b % pool for b in bottleneck):
-                raise ConfigError(
-                    f"method.barlow_pool: must divide the bottleneck size {_fmt(tuple(bottleneck))}"
-                    f" (data.patch_size / {stride}) (got {pool})"
-                )
-            samples = self.train.batch_size
-            for b in bottleneck:
-                samples *= b // pool
-            if samples < 2:
-                raise ConfigError(
-                    f"method.barlow_pool: the Barlow Twins loss needs >= 2 samples per batch, "
-                    f"this gives {samples} (train.batch_size x pooled bottleneck voxels); use a "
-                    f"smaller pool or a larger patch (got {pool})"
-                )
+        self.method.options.check_run(self)
 
 
 # ------------------------------------------------------------------------- load / dump / hash
@@ -601,13 +457,16 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(
             f"--set {item}: {parts[0]}: unknown key; valid keys: {', '.join(sections)}"
         )
-    section_type = _hints(RunConfig)[parts[0]]
+    section_type = hints(RunConfig)[parts[0]]
     if not (dataclasses.is_dataclass(section_type) and isinstance(section_type, type)):
         if len(parts) != 1:
             raise ConfigError(f"--set {item}: {parts[0]} is a value, not a section")
         raw[parts[0]] = value
         return
-    valid = [f.name for f in dataclasses.fields(section_type)]
+    if section_type is MethodConfig:
+        valid = list(MethodConfig.known_keys())  # the chosen method checks its own later
+    else:
+        valid = [f.name for f in dataclasses.fields(section_type)]
     if len(parts) != 2 or parts[1] not in valid:
         raise ConfigError(
             f"--set {item}: {key}: unknown key; valid keys of {parts[0]}: {', '.join(valid)}"
@@ -616,7 +475,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if section is None:
         section = raw[parts[0]] = {}
     if not isinstance(section, dict):
-        raise ConfigError(f"{parts[0]}: expected a mapping of keys, got {_fmt(section)}")
+        raise ConfigError(f"{parts[0]}: expected a mapping of keys, got {fmt(section)}")
     section[parts[1]] = value
 
 
@@ -650,7 +509,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {_fmt(raw)}")
+        raise ConfigError(f"{path}: expected a mapping of sections, got {fmt(raw)}")
     raw.setdefault("name", path.stem)
     try:
         for item in overrides:
@@ -665,6 +524,8 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     order; ``config_from_dict(to_dict(cfg)) == cfg``."""
 
     def plain(value: Any) -> Any:
+        if isinstance(value, MethodConfig):
+            return {k: plain(v) for k, v in value.to_flat().items()}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (tuple, list)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from mtcmkd.config import (
     load_config,
     to_dict,
 )
+from mtcmkd.methods.options import BarlowOptions, KDNetOptions, MTCMKDOptions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
@@ -59,8 +62,10 @@ def test_every_config_file_loads(path: Path) -> None:
 def test_paper_config_is_the_published_setting() -> None:
     cfg = load_config(CONFIGS / "mtcmkd-paper.yaml")
     m = cfg.method
-    assert (m.name, m.preset, m.cdsfl_weight, m.kd_total_weight) == ("mtcmkd", "paper", 0.10, 0.15)
-    assert m.effective_kd_temperature == 20.0
+    assert isinstance(m.options, MTCMKDOptions)
+    assert (m.name, m.options.preset, m.options.cdsfl_weight,
+            m.options.kd_total_weight) == ("mtcmkd", "paper", 0.10, 0.15)
+    assert m.options.effective_kd_temperature == 20.0
     assert m.effective_teacher_modalities == ("flair", "t2", "t1")
     assert cfg.data.patch_size == (128, 128, 128) and cfg.data.augment is False
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs) == (1, 1e-4, 25)
@@ -90,15 +95,16 @@ def test_default_widths_agree_with_the_models() -> None:
 def test_method_defaults_resolve_per_method() -> None:
     mt = MethodConfig(name="mtcmkd")
     assert mt.effective_teacher_modalities == ("flair", "t2", "t1")
-    assert mt.effective_kd_temperature == 20.0
+    assert mt.options == MTCMKDOptions() and mt.options.effective_kd_temperature == 20.0
     t1 = MethodConfig(name="mtcmkd", student_modalities=["t1"])  # list -> tuple
     assert t1.student_modalities == ("t1",)
     assert t1.effective_teacher_modalities == ("flair", "t2", "t1ce")
     kd = MethodConfig(name="kdnet")
     assert kd.effective_teacher_modalities == ("t1", "t1ce", "t2", "flair")
-    assert kd.effective_kd_temperature == 5.0
+    assert kd.options.effective_kd_temperature == 5.0
     assert MethodConfig(name="baseline").effective_teacher_modalities == ()
-    assert MethodConfig(name="barlow").effective_kd_temperature is None
+    # Barlow Twins KD has no KD temperature at all (no softened outputs).
+    assert not hasattr(MethodConfig(name="barlow").options, "kd_temperature")
 
 
 def test_missing_sections_take_defaults_and_name_defaults_to_file_stem(tmp_path: Path) -> None:
@@ -126,7 +132,7 @@ def test_overrides_are_parsed_as_yaml_and_applied_in_order(tmp_path: Path) -> No
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
     assert cfg.data.patch_size == (64, 64, 64)
     assert cfg.method.teacher_modalities == ("flair", "t2")
-    assert cfg.method.kd_temperature is None and cfg.data.augment is False
+    assert cfg.method.options.kd_temperature is None and cfg.data.augment is False
     assert cfg.train.epochs == 4 and cfg.name == "renamed"
 
 
@@ -262,8 +268,10 @@ def test_kdnet_student_may_be_a_teacher_modality() -> None:
 
 def test_replace_validates_again() -> None:
     cfg = config_from_dict({"method": {"name": "mtcmkd"}})
-    with pytest.raises(ConfigError, match="kd_temperature"):
-        dataclasses.replace(cfg.method, kd_temperature=0.0)
+    with pytest.raises(ConfigError, match="method.kd_temperature"):
+        dataclasses.replace(cfg.method.options, kd_temperature=0.0)
+    with pytest.raises(ConfigError, match="method.student_modalities: mtcmkd needs exactly 1"):
+        dataclasses.replace(cfg.method, student_modalities=("t1", "t2"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
 
@@ -386,3 +394,106 @@ def test_baseline_takes_any_modalities_as_full_modality_reference(tmp_path):
     path.write_text("method:\n  name: baseline\n  student_modalities: [t1, t1ce, t2, flair]\n")
     cfg = load_config(path)
     assert cfg.method.student_modalities == ("t1", "t1ce", "t2", "flair")
+
+
+# ------------------------------------------------- method options next to the method, v1 layout
+
+#: config_hash of every shipped file, computed before the options moved next to the methods:
+#: run folders, checkpoints and student files record it, so it must never change silently.
+PINNED_HASHES = {
+    "barlow.yaml": "ad24ef38bfbe4156",
+    "baseline.yaml": "cfd259af45a79fa7",
+    "kdnet.yaml": "25ffcc6b8b7dabca",
+    "mtcmkd-paper.yaml": "efc555d9e8cb50e7",
+    "mtcmkd.yaml": "84329c25ce1caf20",
+    "tiny.yaml": "684ece4ee332c245",
+}
+
+#: The method section as the flat MethodConfig wrote it (the union of the four methods'
+#: options), here for a baseline config; to_dict keeps writing exactly this.
+V1_BASELINE_METHOD = {
+    "name": "baseline", "student_modalities": ["t1ce"], "teacher_modalities": None,
+    "preset": "default", "kd_temperature": None, "kd_total_weight": 0.15, "cdsfl_weight": 0.1,
+    "seg_weight": 0.75, "ds_weight": 0.1, "ds_seg_fraction": 0.7, "kd_start_epoch": 1,
+    "performance_metric": "wt", "performance_dice": "patch3d", "kdnet_lambda": 0.75,
+    "kdnet_beta": 10.0, "kdnet_teacher_epochs": 1, "barlow_lambda_offdiag": 0.005,
+    "barlow_weight": 1.0, "barlow_pool": 2,
+}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_config_hash_of_every_shipped_file_is_unchanged(path: Path) -> None:
+    assert config_hash(load_config(path)) == PINNED_HASHES[path.name]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("baseline", "42958c335999174b"), ("mtcmkd", "40ca9aca3c2f8749"),
+     ("kdnet", "310cfbe8ebaee546"), ("barlow", "5a3bf9fe71fd74da")],
+)
+def test_config_hash_of_each_method_with_defaults_is_unchanged(name: str, expected: str) -> None:
+    assert config_hash(config_from_dict({"method": {"name": name}})) == expected
+
+
+def test_to_dict_writes_the_v1_flat_method_section() -> None:
+    data = to_dict(config_from_dict({"method": {"name": "baseline"}}))
+    assert data["method"] == V1_BASELINE_METHOD
+    assert list(data["method"]) == list(V1_BASELINE_METHOD)  # the order dump_config writes
+    # A config.yaml written by an older version (every key of every method) loads as it was.
+    cfg = config_from_dict({"method": V1_BASELINE_METHOD})
+    assert cfg == config_from_dict({"method": {"name": "baseline"}})
+
+
+def test_flat_keys_go_to_the_chosen_methods_options() -> None:
+    cfg = config_from_dict({"method": {"name": "kdnet", "kdnet_lambda": 0.5, "kd_temperature": 3}})
+    assert cfg.method.options == KDNetOptions(kdnet_lambda=0.5, kd_temperature=3.0)
+    assert isinstance(config_from_dict({"method": {"name": "barlow"}}).method.options,
+                      BarlowOptions)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ({"name": "mtcmkd", "kdnet_lambda": 0.5},
+         "method.kdnet_lambda: an option of method 'kdnet', not of 'mtcmkd'"),
+        ({"name": "baseline", "kd_temperature": 4},
+         "method.kd_temperature: an option of methods 'mtcmkd' and 'kdnet', not of 'baseline'"),
+        ({"name": "kdnet", "barlow_pool": 4}, "method.barlow_pool: an option of method 'barlow'"),
+        ({"name": "barlow", "preset": "paper"}, "method.preset: an option of method 'mtcmkd'"),
+        ({"name": 3}, "method.name: expected a string, got 3"),
+        ({"name": "baseline", "options": {}}, "method.options: unknown key; valid keys: name, "
+                                              "student_modalities, teacher_modalities"),
+    ],
+)
+def test_a_key_of_another_method_names_its_owner(method: dict, expected: str) -> None:
+    assert expected in _error({"method": method})
+
+
+def test_switching_method_with_set_keeps_other_keys_at_their_defaults() -> None:
+    # tiny.yaml is an mtcmkd file with kd_start_epoch: 1 (mtcmkd's default): kdnet takes it.
+    cfg = load_config(CONFIGS / "tiny.yaml", ["method.name=kdnet"])
+    assert isinstance(cfg.method.options, KDNetOptions)
+    # mtcmkd-paper.yaml sets preset: paper, which kdnet does not have: refused, not ignored.
+    with pytest.raises(ConfigError, match="method.preset: an option of method 'mtcmkd'"):
+        load_config(CONFIGS / "mtcmkd-paper.yaml", ["method.name=kdnet"])
+    with pytest.raises(ConfigError, match="method.nope: unknown key; valid keys of method: name"):
+        load_config(CONFIGS / "tiny.yaml", ["method.nope=1"])
+
+
+def test_options_classes_validate_alone_with_key_paths() -> None:
+    with pytest.raises(ConfigError, match=r"^method.kdnet_lambda: must be in \[0, 1\] \(got 2\)$"):
+        KDNetOptions(kdnet_lambda=2)
+    with pytest.raises(ConfigError, match=r"^method.barlow_pool: must be >= 1 or null"):
+        BarlowOptions(barlow_pool=0)
+    with pytest.raises(ConfigError, match="method.options: KDNetOptions given for method 'mtcmkd'"):
+        MethodConfig(name="mtcmkd", options=KDNetOptions())
+    assert MethodConfig(name="mtcmkd", options={"seg_weight": 0.5}).options.seg_weight == 0.5
+
+
+def test_loading_a_config_imports_no_torch() -> None:
+    code = ("import sys; from mtcmkd.config import load_config; "
+            f"load_config({str(CONFIGS / 'mtcmkd.yaml')!r}); "
+            "import mtcmkd.methods; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -18,6 +18,7 @@ from mtcmkd.losses import (
     kd_kl,
     kdnet_gt_loss,
     kdnet_kd_loss,
+    region_kd_kl,
     region_segmentation_loss,
     region_targets,
     segmentation_loss,
@@ -502,3 +503,19 @@ def test_every_loss_is_finite_float32_under_bf16_autocast(rng: torch.Generator) 
         bottleneck_embeddings(feat_t.float(), None), bottleneck_embeddings(feat_s.float(), None)
     )
     assert losses["barlow"].item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_region_kd_kl_hand_computed() -> None:
+    s = torch.tensor([0.0, 2.0, -1.0]).reshape(1, 3, 1)
+    t = torch.tensor([1.0, 2.0, 3.0]).reshape(1, 3, 1)
+    T = 2.0
+
+    def bkl(q: float, p: float) -> float:
+        return q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
+
+    sig = torch.sigmoid
+    per_voxel = sum(bkl(sig(t[0, r, 0] / T).item(), sig(s[0, r, 0] / T).item())
+                    for r in range(3))
+    assert region_kd_kl(s, t, T).item() == pytest.approx(per_voxel * T**2, rel=1e-5)
+    assert region_kd_kl(s, t, T, scaling="paper").item() == pytest.approx(per_voxel * T, rel=1e-5)
+    assert region_kd_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-7)

@@ -13,6 +13,7 @@ from mtcmkd.losses.distillation import (
     kd_kl,
     kdnet_gt_loss,
     kdnet_kd_loss,
+    region_kd_kl,
     teacher_weights,
 )
 from mtcmkd.losses.segmentation import (
@@ -39,6 +40,7 @@ __all__ = [
     "kdnet_gt_loss",
     "kdnet_kd_loss",
     "one_hot",
+    "region_kd_kl",
     "region_segmentation_loss",
     "region_targets",
     "segmentation_loss",

@@ -1,4 +1,5 @@
-"""Knowledge-distillation losses: MTCM-KD response KD and teacher weights, KD-Net terms.
+"""Knowledge-distillation losses: MTCM-KD response KD (softmax classes and sigmoid regions)
+and teacher weights, KD-Net terms.
 
 Logits have shape ``(B, C, *spatial)`` and may come in any floating dtype; everything is
 computed in float32 (inputs are cast with ``.float()``), so the results stay finite under
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mtcmkd.losses._checks import check_logits, check_logits_and_labels, check_same_shape
@@ -21,6 +23,7 @@ __all__ = [
     "kd_kl",
     "kdnet_gt_loss",
     "kdnet_kd_loss",
+    "region_kd_kl",
     "teacher_weights",
 ]
 
@@ -71,6 +74,39 @@ def kd_kl(
     if scaling == "default":
         return kl_per_voxel.mean() * temperature**2
     return kl_per_voxel.sum() / student_logits.shape[0] * temperature
+
+
+def region_kd_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    *,
+    scaling: KDScaling = "default",
+) -> Tensor:
+    """Response KD for sigmoid region outputs: binary ``KL(teacher || student)`` per region.
+
+    With ``q = sigmoid(teacher / T)`` and ``p = sigmoid(student / T)`` per channel (WT, TC, ET),
+    the per-voxel divergence is ``sum_r q log(q / p) + (1 - q) log((1 - q) / (1 - p))``
+    (nats, computed with log-sigmoids, stable for any logit), reduced exactly as
+    :func:`kd_kl`: ``"default"`` mean over (sample, voxel) times T**2, ``"paper"`` sum over
+    voxels / B times T. The teacher is detached.
+
+    Returns:
+        float32 scalar, 0 when student and teacher logits are equal.
+    """
+    check_same_shape(student_logits, teacher_logits, "logits")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if scaling not in ("default", "paper"):
+        raise ValueError(f"scaling must be 'default' or 'paper', got {scaling!r}")
+    s = student_logits.float() / temperature
+    t = teacher_logits.detach().float() / temperature
+    log_q, log_1q = F.logsigmoid(t), F.logsigmoid(-t)
+    log_p, log_1p = F.logsigmoid(s), F.logsigmoid(-s)
+    kl = (log_q.exp() * (log_q - log_p) + log_1q.exp() * (log_1q - log_1p)).sum(dim=1)
+    if scaling == "default":
+        return kl.mean() * temperature**2
+    return kl.sum() / student_logits.shape[0] * temperature
 
 
 def teacher_weights(performance: Tensor, total: float = 0.15) -> Tensor:

@@ -50,12 +50,16 @@ from mtcmkd.methods.base import (
     take_channels,
     target_labels,
 )
+from mtcmkd.methods.options import BarlowOptions
+from mtcmkd.methods.registry import register_method
 
 
+@register_method
 class BarlowKD(OneTeacherMethod):
     """Teacher path + student path, Barlow Twins on the bottlenecks, DS cross-entropy."""
 
-    name = "barlow"
+    Options = BarlowOptions
+    options: BarlowOptions
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
         super().__init__(cfg, channels)
@@ -69,7 +73,7 @@ class BarlowKD(OneTeacherMethod):
     def compute_terms(
         self, batch: Mapping[str, Any], epoch: int
     ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-        m = self.cfg.method
+        m = self.options
         image, labels = self._unpack(batch)
         target = target_labels(labels, self.output)
         target_half = downsample_labels(target, 2)
@@ -90,7 +94,7 @@ class BarlowKD(OneTeacherMethod):
         return terms, student["logits"], stats
 
     def describe(self) -> dict[str, Any]:
-        m = self.cfg.method
+        m = self.options
         ds = "CE" if self.output == "softmax" else "BCE"
         terms: list[tuple[str, float, str, str]] = [
             ("teacher/seg", 1.0, "all", "teacher segmentation loss"),

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from mtcmkd.config import RunConfig
 from mtcmkd.losses import region_segmentation_loss, segmentation_loss
+from mtcmkd.methods.options import MethodOptions
 from mtcmkd.models import build_network, count_parameters
 
 __all__ = [
@@ -201,7 +202,13 @@ class Method(nn.Module, abc.ABC):
         ValueError: a modality the method needs is not among ``channels``.
     """
 
+    Options: ClassVar[type[MethodOptions]]
+    """The method's options class (a subclass sets it; :func:`register_method` registers both
+    under ``Options.name``)."""
     name: ClassVar[str]
+    """The method's name, ``Options.name`` (set by :func:`register_method`)."""
+    options: MethodOptions
+    """``cfg.method.options``; a subclass narrows the annotation to its own options class."""
     student: nn.Module  # every method has one; set by the subclass
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
@@ -210,6 +217,7 @@ class Method(nn.Module, abc.ABC):
             raise ValueError(f"{type(self).__name__} needs method.name={self.name!r}, "
                              f"got {cfg.method.name!r}")
         self.cfg = cfg
+        self.options = cfg.method.options
         self.channels: tuple[str, ...] = tuple(channels)
         self.output: str = cfg.model.output
         self.n_classes: int = cfg.model.n_classes

@@ -15,12 +15,15 @@ from torch import Tensor, nn
 
 from mtcmkd.config import RunConfig
 from mtcmkd.methods.base import Method, dice_stats, target_labels
+from mtcmkd.methods.options import BaselineOptions
+from mtcmkd.methods.registry import register_method
 
 
+@register_method
 class Baseline(Method):
     """The student alone. Terms: ``student/seg``. Groups: ``student``."""
 
-    name = "baseline"
+    Options = BaselineOptions
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
         super().__init__(cfg, channels)

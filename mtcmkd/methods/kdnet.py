@@ -40,22 +40,24 @@ from mtcmkd.methods.base import (
     take_channels,
     target_labels,
 )
+from mtcmkd.methods.options import KDNetOptions
+from mtcmkd.methods.registry import register_method
 
 
+@register_method
 class KDNet(OneTeacherMethod):
     """Multimodal teacher + unimodal student. Groups: ``teachers``, ``student``."""
 
-    name = "kdnet"
+    Options = KDNetOptions
+    options: KDNetOptions
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
         super().__init__(cfg, channels)
-        temperature = cfg.method.effective_kd_temperature
-        assert temperature is not None  # kdnet has a default
-        self.temperature: float = temperature
+        self.temperature: float = self.options.effective_kd_temperature
 
     def in_stage_one(self, epoch: int) -> bool:
         """True while the teacher trains (epochs [0, kdnet_teacher_epochs))."""
-        return epoch < self.cfg.method.kdnet_teacher_epochs
+        return epoch < self.options.kdnet_teacher_epochs
 
     def _set_teacher_frozen(self, frozen: bool) -> None:
         for p in self.teacher.parameters():
@@ -66,7 +68,7 @@ class KDNet(OneTeacherMethod):
     def compute_terms(
         self, batch: Mapping[str, Any], epoch: int
     ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-        m = self.cfg.method
+        m = self.options
         image, labels = self._unpack(batch)
         target = target_labels(labels, self.output)
         teacher_input = take_channels(image, self._teacher_index)
@@ -100,7 +102,7 @@ class KDNet(OneTeacherMethod):
         return frozenset({"student"} if self.in_stage_one(epoch) else {"teachers"})
 
     def describe(self) -> dict[str, Any]:
-        m = self.cfg.method
+        m = self.options
         k = m.kdnet_teacher_epochs
         stage2 = f">= {k}"
         terms: list[tuple[str, float, str, str]] = [

@@ -34,8 +34,8 @@ Presets (the KD term KD_T, temperature T = 20 unless configured):
   as in their logs. This preset exists to reproduce the published training, not as advice.
 
 Region output (``model.output: regions``): L_seg is the region loss (Dice + BCE over WT, TC,
-ET) and KD_T is :func:`region_kd_kl`, a per-region binary KL with the same temperature and the
-same two scalings; CDSFL then fuses into 3 region logits.
+ET) and KD_T is :func:`mtcmkd.losses.region_kd_kl`, a per-region binary KL with the same
+temperature and the same two scalings; CDSFL then fuses into 3 region logits.
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtcmkd.config import RunConfig
-from mtcmkd.losses import KDScaling, downsample_labels, kd_kl, teacher_weights
+from mtcmkd.losses import KDScaling, downsample_labels, kd_kl, region_kd_kl, teacher_weights
 from mtcmkd.methods.base import (
     Method,
     dice_stats,
@@ -56,45 +55,12 @@ from mtcmkd.methods.base import (
     take_channels,
     target_labels,
 )
+from mtcmkd.methods.options import MTCMKDOptions
+from mtcmkd.methods.registry import register_method
 from mtcmkd.models import CDSFL
 
 
-def region_kd_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float,
-    *,
-    scaling: KDScaling = "default",
-) -> Tensor:
-    """Response KD for sigmoid region outputs: binary ``KL(teacher || student)`` per region.
-
-    With ``q = sigmoid(teacher / T)`` and ``p = sigmoid(student / T)`` per channel (WT, TC, ET),
-    the per-voxel divergence is ``sum_r q log(q / p) + (1 - q) log((1 - q) / (1 - p))``
-    (nats, computed with log-sigmoids, stable for any logit), reduced exactly as
-    :func:`mtcmkd.losses.kd_kl`: ``"default"`` mean over (sample, voxel) times T**2, ``"paper"``
-    sum over voxels / B times T. The teacher is detached.
-
-    (A loss function: it belongs in ``mtcmkd.losses.distillation`` next to ``kd_kl``.)
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student and teacher logits must have the same shape, got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-        )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
-    s = student_logits.float() / temperature
-    t = teacher_logits.detach().float() / temperature
-    log_q, log_1q = F.logsigmoid(t), F.logsigmoid(-t)
-    log_p, log_1p = F.logsigmoid(s), F.logsigmoid(-s)
-    kl = (log_q.exp() * (log_q - log_p) + log_1q.exp() * (log_1q - log_1p)).sum(dim=1)
-    if scaling == "default":
-        return kl.mean() * temperature**2
-    if scaling == "paper":
-        return kl.sum() / student_logits.shape[0] * temperature
-    raise ValueError(f"scaling must be 'default' or 'paper', got {scaling!r}")
-
-
+@register_method
 class MTCMKD(Method):
     """Teachers (one per ``teacher_modalities`` entry) + CDSFL + student.
 
@@ -105,12 +71,13 @@ class MTCMKD(Method):
     Stats: WT/TC hard-Dice sums per teacher (``teacher_wt_dice_sum/<m>`` ...) and the student's.
     """
 
-    name = "mtcmkd"
+    Options = MTCMKDOptions
+    options: MTCMKDOptions
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
         super().__init__(cfg, channels)
-        method = cfg.method
-        self.teacher_modalities: tuple[str, ...] = method.effective_teacher_modalities
+        options = self.options
+        self.teacher_modalities: tuple[str, ...] = cfg.method.effective_teacher_modalities
         self._teacher_index = {
             m: self._channel_index((m,), f"teacher {m!r}") for m in self.teacher_modalities
         }
@@ -123,11 +90,9 @@ class MTCMKD(Method):
         self.student = self._network(1)
         n = len(self.teacher_modalities)
         # Teacher weights for the current epoch; equal until the first end_epoch.
-        self.register_buffer("alpha", torch.full((n,), method.kd_total_weight / n))
-        temperature = method.effective_kd_temperature
-        assert temperature is not None  # mtcmkd has a default
-        self.temperature: float = temperature
-        self.scaling: KDScaling = method.preset
+        self.register_buffer("alpha", torch.full((n,), options.kd_total_weight / n))
+        self.temperature: float = options.effective_kd_temperature
+        self.scaling: KDScaling = options.preset
 
     def _kd(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         if self.output == "softmax":
@@ -138,7 +103,7 @@ class MTCMKD(Method):
     def compute_terms(
         self, batch: Mapping[str, Any], epoch: int
     ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-        m = self.cfg.method
+        m = self.options
         image, labels = self._unpack(batch)
         target = target_labels(labels, self.output)
         target_half = downsample_labels(target, 2)
@@ -176,7 +141,7 @@ class MTCMKD(Method):
         stats: dict[str, Tensor] = {}
         for mod in self.teacher_modalities:
             stats.update(dice_stats(f"teacher/{mod}", teacher_logits[mod], labels, self.output,
-                                    self.cfg.method.performance_dice))
+                                    self.options.performance_dice))
         stats.update(dice_stats("student", logits, labels, self.output))
         return terms, logits, stats
 
@@ -185,7 +150,7 @@ class MTCMKD(Method):
         perf = []
         for mod in self.teacher_modalities:
             wt = epoch_dice(epoch_stats, f"teacher/{mod}", "wt")
-            if self.cfg.method.performance_metric == "wt_tc":
+            if self.options.performance_metric == "wt_tc":
                 wt = (wt + epoch_dice(epoch_stats, f"teacher/{mod}", "tc")) / 2.0
             perf.append(wt)
         return torch.tensor(perf, dtype=torch.float32)
@@ -193,7 +158,7 @@ class MTCMKD(Method):
     def end_epoch(self, epoch_stats: Mapping[str, Tensor]) -> dict[str, float]:
         """Set alpha for the next epoch from this epoch's (rank-reduced) teacher Dice."""
         alpha = teacher_weights(self.teacher_performance(epoch_stats),
-                                self.cfg.method.kd_total_weight)
+                                self.options.kd_total_weight)
         with torch.no_grad():
             self.alpha.copy_(alpha)
         logs = super().end_epoch(epoch_stats)
@@ -210,7 +175,7 @@ class MTCMKD(Method):
         }
 
     def describe(self) -> dict[str, Any]:
-        m = self.cfg.method
+        m = self.options
         k = m.kd_start_epoch
         networks: dict[str, tuple[nn.Module, Sequence[str], str]] = {
             f"teacher_{mod}": (self.teachers[mod], (mod,), "teachers")

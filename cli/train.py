@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +35,8 @@ def train(
     Exit code 3 means the run saved a checkpoint after a preemption warning (SIGUSR1/SIGTERM)
     and should be resumed with --resume (slurm/train.sh requeues itself).
     """
+    # Imported on use, as in every command: `mtcmkd --help` and the other commands need not
+    # load torch and the training stack.
     from mtcmkd.config import ConfigError, load_config
 
     overrides = list(set_ or [])
@@ -54,10 +55,12 @@ def train(
 
     from mtcmkd.data import StoreFormatError
     from mtcmkd.engine.checkpoint import CheckpointError
-    from mtcmkd.engine.trainer import EXIT_PREEMPTED, TrainError, write_summary
+    from mtcmkd.engine.dist import process_rank
+    from mtcmkd.engine.errors import EXIT_PREEMPTED, TrainError
+    from mtcmkd.engine.run_folder import write_summary
     from mtcmkd.engine.trainer import train as run_train
 
-    is_main = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    is_main = process_rank() == 0
 
     def echo(msg: str) -> None:
         if is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 import torch
 from conftest import needs_cxx, write_raw
 
+from mtcmkd.engine.checkpoint import CheckpointError, safe_torch_load
+from mtcmkd.engine.dist import free_port
 from mtcmkd.preprocessing import preprocess
 from mtcmkd.student_weights import load_student
 
@@ -61,6 +64,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_student(path).network.state_dict()
 
 
+@pytest.mark.integration
 def test_train_writes_a_complete_run_folder(finished_run):
     out = finished_run
     for name in ("config.yaml", "ds_config.json", "log.jsonl", "student.pt", "summary.json"):
@@ -86,6 +90,7 @@ def test_train_writes_a_complete_run_folder(finished_run):
     assert bundle.channels == ("t1ce",) and bundle.n_out == 4
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_gives_identical_weights(store, finished_run, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(store, out), env=_env(), cwd=REPO,
@@ -108,6 +113,7 @@ def test_resume_after_sigkill_gives_identical_weights(store, finished_run, tmp_p
         assert torch.equal(ref[k], got[k]), k
 
 
+@pytest.mark.integration
 def test_resume_refusals(store, finished_run, tmp_path):
     r = _run(_train_cmd(store, tmp_path / "empty", "--resume"))
     assert r.returncode == 2 and "no complete checkpoint" in r.stderr
@@ -118,9 +124,8 @@ def test_resume_refusals(store, finished_run, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_tampered_checkpoint_is_refused(store, finished_run, tmp_path):
-    import shutil
-
     out = tmp_path / "tampered"
     shutil.copytree(finished_run, out)
     tag = (out / "checkpoints" / "latest").read_text().strip()
@@ -139,9 +144,8 @@ def test_tampered_checkpoint_is_refused(store, finished_run, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.integration
 def test_tampered_student_file_is_refused(finished_run, tmp_path):
-    from mtcmkd.engine.checkpoint import CheckpointError
-
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
@@ -153,10 +157,11 @@ def test_tampered_student_file_is_refused(finished_run, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.integration
 def test_two_ranks_with_torchrun_stay_in_sync(store, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "mtcmkd", "train", "--config", str(TINY),
+           "--master_port", str(free_port()), "-m", "mtcmkd", "train", "--config", str(TINY),
            "--store", str(store), "--out", str(out), *FAST, "--set", "train.epochs=1"]
     r = _run(cmd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -166,12 +171,7 @@ def test_two_ranks_with_torchrun_stay_in_sync(store, tmp_path):
     assert ds["train_batch_size"] == 2
 
 
-def _free_port() -> int:
-    from mtcmkd.engine.dist import free_port
-
-    return free_port()
-
-
+@pytest.mark.integration
 def test_kdnet_stages_freeze_the_other_group_under_deepspeed(store, tmp_path):
     # DeepSpeed zero-fills missing gradients and Adam would move a "frozen" group by momentum;
     # the loop sets the frozen group's learning rate to 0 for the epoch instead.
@@ -189,13 +189,12 @@ def test_kdnet_stages_freeze_the_other_group_under_deepspeed(store, tmp_path):
 
 
 def _teacher_states(run: Path) -> dict[str, torch.Tensor]:
-    from mtcmkd.engine.checkpoint import safe_torch_load
-
     latest = (run / "checkpoints" / "latest").read_text().strip()
     module = safe_torch_load(run / "checkpoints" / latest / "mp_rank_00_model_states.pt")["module"]
     return {k: v for k, v in module.items() if k.startswith(("teachers.", "cdsfl."))}
 
 
+@pytest.mark.integration
 def test_student_losses_do_not_change_the_teachers_training(store, tmp_path):
     """Teachers and CDSFL learn only from L_T: the student's KD weight must not move them.
 
@@ -219,6 +218,7 @@ def test_student_losses_do_not_change_the_teachers_training(store, tmp_path):
                                                       strict=True))
 
 
+@pytest.mark.integration
 def test_plateau_ignores_epochs_with_a_frozen_student(store, tmp_path):
     """KD-Net's stage 1 keeps the student frozen: its flat validation Dice is no plateau."""
     out = tmp_path / "kdnet-plateau"
@@ -233,6 +233,7 @@ def test_plateau_ignores_epochs_with_a_frozen_student(store, tmp_path):
     assert stage2 and all(x["lr/student"] == pytest.approx(1e-3) for x in stage2)
 
 
+@pytest.mark.integration
 def test_preemption_signal_exit_3_and_marker_until_resumed(store, tmp_path):
     """SIGUSR1: checkpoint, PREEMPTED marker (what slurm/train.sh trusts), exit 3; a resumed run
     removes the marker and finishes."""
@@ -283,6 +284,7 @@ def test_collectives_go_through_the_device_aware_all_reduce():
     assert any(o.startswith("mtcmkd/engine/dist.py") for o in offenders)  # the helper itself
 
 
+@pytest.mark.integration
 @needs_cxx
 def test_compiled_training_matches_eager(store, tmp_path):
     """train.compile=true: DeepSpeed compiles the method in place; weights stay close to eager.

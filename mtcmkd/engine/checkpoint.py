@@ -18,59 +18,22 @@ with a warning. `latest` must name a step folder of this `checkpoints/` (never a
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtcmkd.atomic import atomic_write_text
-from mtcmkd.integrity import file_sha256
+
+# CheckpointError and safe_torch_load live in mtcmkd.integrity (every reader of a weights file
+# needs them, so they sit below the engine); importing them from here keeps working.
+from mtcmkd.integrity import CheckpointError, file_sha256, safe_torch_load
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 #: Key of COMPLETE's JSON: file name (relative to the step folder) -> SHA-256 of its bytes.
 FILES_SHA256 = "files_sha256"
-#: What torch.save writes: a zip archive (since torch 1.6) or a legacy pickle (protocol 2+).
-_PICKLE_MAGIC = b"\x80"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, tampered with or from another configuration."""
-
-
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """`torch.load` restricted to tensors and plain containers (weights_only=True).
-
-    Raises:
-        CheckpointError: not a file `torch.save` wrote (a text file, say), a file that needs
-            arbitrary objects to unpickle, or a damaged one; the message names the file.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
-    # torch.load on a text file fails in many ways (KeyError, IndexError "pop from empty
-    # list", UnpicklingError "Unsupported operand"): look at the first bytes instead.
-    if not (zipfile.is_zipfile(path) or head.startswith(_PICKLE_MAGIC)):
-        raise CheckpointError(f"{path}: not a PyTorch weights file (torch.save writes a zip "
-                              "archive; this file is not one)")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused to load: the file holds objects other than "
-                              f"weights and plain values (tampered or foreign file?): {first}"
-                              ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
-            zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({first})") from None
-
-
 def make_safe_checkpoint_engine(base_engine: Any) -> Any:
     """Wrap DeepSpeed's torch checkpoint engine so that every load is `weights_only`."""
 

@@ -77,6 +77,19 @@ def export_launcher_env() -> str:
     return "none"
 
 
+def process_rank() -> int:
+    """This process's global rank as its launcher set it, readable before the process group
+    exists (the run-folder checks, the CLI's output): RANK (torchrun, deepspeed, or filled in
+    from SLURM by :func:`export_launcher_env`), else SLURM_PROCID (srun), else 0 (no launcher).
+    """
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def local_world_size() -> int:
+    """Ranks on this node as torchrun/deepspeed report it (LOCAL_WORLD_SIZE); 1 when unset."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
 def setup_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
     launcher = export_launcher_env()

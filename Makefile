@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+# While working: `make test-fast` (the unit tier, < 2 min on 2 cores) and `make lint`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 
-.PHONY: venv sysdeps demo test lint bench clean
+.PHONY: venv sysdeps demo test test-fast lint bench clean
 
 # System packages the suite and the demo use: a C++ toolchain for the exported model's client
 # and a real one-node SLURM. Installed only when running as root on an apt system and missing;
@@ -41,8 +42,15 @@ demo: sysdeps $(STAMP)
 test: sysdeps $(STAMP)
 	$(BIN)/python -m pytest
 
+# The fast unit tier: every test not marked `integration` (training subprocesses, the demo,
+# SLURM, C++ builds, anything slower than ~2 s); needs no system package.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration"
+
+# ruff, then the layer contract of pyproject.toml ([tool.importlinter]) on the installed layout.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python .ci/lint_imports.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_preprocess.py --raw ../shared/data/brats2021-sample

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .console import console, failer
+from .demo_steps import DemoError, DemoSettings, run_demo
 
 fail = failer("demo")
 
@@ -35,8 +36,6 @@ def demo(
     held-out case from Python and from the C++ client. Each step prints the command it runs;
     a final table and OUT/demo_summary.json give times and results.
     """
-    from mtcmkd.demo import DemoError, DemoSettings, run_demo
-
     if cases < 4:
         fail(f"--cases {cases}: need at least 4 (one fold of 4 is held out)")
     if ranks < 1 or epochs < 1 or iters < 1:

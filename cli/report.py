@@ -20,7 +20,8 @@ def report(
 ) -> None:
     """Plot losses by term, teacher weights, validation Dice and learning rates from log.jsonl,
     and write report.md (best epoch and Dice, final losses, throughput)."""
-    from mtcmkd.figures import write_run_report
+    # matplotlib (~0.5 s) only when a report is drawn: cli/main.py imports every command.
+    from mtcmkd.run_report import write_run_report
 
     if not run_dir.is_dir():
         fail(f"{run_dir}: no such run folder")

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mtcmkd.brats import RELEASES
+from mtcmkd.phantom import synthesize, template_path
 
 from .console import console, failer
 
@@ -32,8 +33,6 @@ def synth(
     """Write a realistic phantom dataset (MNI152 anatomy, 3-compartment tumours)."""
     if layout.lower() not in RELEASES:
         fail(f"--layout {layout!r}: expected one of {', '.join(RELEASES)}")
-    from mtcmkd.synth import synthesize
-
     start = time.perf_counter()
     with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=True) as bar:
@@ -44,8 +43,6 @@ def synth(
                              on_case=lambda cid: bar.update(task, advance=1, description=cid))
         except (ValueError, FileExistsError) as exc:
             fail(str(exc))
-    from mtcmkd.phantom import template_path
-
     table = Table(title="mtcmkd synth", show_header=False)
     table.add_row("output", str(out))
     table.add_row("layout", layout)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mtcmkd.brats import CHANNELS, release
+from mtcmkd.phantom import write_case, write_msd_dataset_json
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2021-sample"
 
@@ -42,13 +43,11 @@ def blob_case(shape: tuple[int, int, int] = (24, 28, 20), seed: int = 0, has_et:
 
 def write_raw(out: Path, layout: str, n: int = 3, shape=(24, 28, 20)) -> list[str]:
     """Write `n` blob cases under `out` in `layout`; returns the case ids."""
-    from mtcmkd.synth import _msd_dataset_json, write_case
-
     info = release(layout)
     ids = [write_case(out, info, i, blob_case(shape, seed=i, has_et=i % 3 != 2))
            for i in range(n)]
     if info.four_d:
-        _msd_dataset_json(out, ids)
+        write_msd_dataset_json(out, ids)
     return ids
 
 

@@ -323,6 +323,7 @@ def test_dataloader_workers_do_not_change_samples(store: Path) -> None:
         assert torch.equal(b0["image"], b2["image"]) and torch.equal(b0["label"], b2["label"])
 
 
+@pytest.mark.integration
 def test_spawned_workers_give_the_same_samples(store: Path) -> None:
     """Spawn pickles the dataset into fresh interpreters (the default on macOS and for CUDA)."""
     ds = PatchDataset(store, ids_of(store), patch_size=PATCH, samples_per_epoch=4, seed=5)
@@ -361,6 +362,7 @@ def test_ranks_get_disjoint_shards(store: Path) -> None:
         PatchDataset(store, ids, patch_size=PATCH, rank=4, world_size=5)
 
 
+@pytest.mark.integration
 def test_foreground_oversampling(big_store: Path) -> None:
     def tumour_fraction(fg_fraction: float) -> float:
         ds = PatchDataset(

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from mtcmkd.cli.demo_steps import DemoSettings, demo_config
 from mtcmkd.cli.main import app
-from mtcmkd.demo import DemoSettings, demo_config
 from mtcmkd.export.cpp_client import cpp_toolchain_missing
 
 runner = CliRunner()
 
 
+@pytest.mark.integration
 def test_demo_end_to_end(tmp_path):
     """Every step runs and leaves files others can open; Python and C++ labels agree."""
     out = tmp_path / "demo"

@@ -117,6 +117,7 @@ def test_reloaded_file_matches_eager_at_two_sizes(exported):
         assert case.labels_equal and case.max_probability_difference <= 1e-4
 
 
+@pytest.mark.integration
 def test_label_conventions(student, exported, tmp_path):
     volume = synthetic_volume(verification_shapes(PATCH)[0], seed=3)
     module, _ = load_exported(exported.path)
@@ -175,6 +176,7 @@ def test_region_student_exports_and_verifies(tmp_path):
     assert result.metadata["network_output"] == "regions"
 
 
+@pytest.mark.integration
 def test_loads_without_mtcmkd_importable(exported, tmp_path):
     volume = synthetic_volume((19, 23, 17), seed=7)
     torch.save(torch.from_numpy(volume)[None], tmp_path / "x.pt")
@@ -274,6 +276,7 @@ def test_cli_refusals_exit_2_with_one_line(tmp_path, student):
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.integration
 def test_cli_torchscript_from_run_folder_with_verify(tmp_path, student):
     result = runner.invoke(_cli(), ["export", "torchscript", str(student.parent), "--out",
                                     str(tmp_path / "deploy" / "s.pt"), "--labels", "2023",
@@ -354,6 +357,7 @@ NIFTI_CASES = [
 ]
 
 
+@pytest.mark.integration
 def test_cpp_client_matches_python_on_synthetic_niftis(cpp_client, exported, tmp_path):
     volume = synthetic_volume((22, 20, 19), seed=11)[0]
     module, _ = load_exported(exported.path)
@@ -377,6 +381,7 @@ def test_cpp_client_matches_python_on_synthetic_niftis(cpp_client, exported, tmp
         assert set(np.unique(python_labels).tolist()) <= {0, 1, 2, 4}, name
 
 
+@pytest.mark.integration
 def test_cpp_client_errors_are_one_line(cpp_client, exported, tmp_path):
     zeros = tmp_path / "zeros.nii.gz"
     _write_nifti(zeros, np.zeros((12, 10, 9), np.int16))
@@ -398,6 +403,7 @@ def test_cpp_client_errors_are_one_line(cpp_client, exported, tmp_path):
         assert not (tmp_path / "out.nii.gz").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.real_data
 @pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason=f"real BraTS sample not found at "
                                                         f"{SHARED_SAMPLE} (needs ../shared)")
@@ -437,6 +443,7 @@ def test_cpp_client_on_a_real_case(cpp_client, tmp_path):
 # --- patch-level formats: ONNX and torch.export -----------------------------------------------
 
 
+@pytest.mark.integration
 def test_onnx_parity_with_eager(student, tmp_path):
     missing = missing_onnx_packages()
     if missing:
@@ -467,6 +474,7 @@ def test_onnx_without_packages_is_a_clear_refusal(student, tmp_path, monkeypatch
     assert not (tmp_path / "s.onnx").exists()
 
 
+@pytest.mark.integration
 def test_pt2_round_trip_at_three_sizes(student, tmp_path):
     out = tmp_path / "student.pt2"
     result = runner.invoke(_cli(), ["export", "pt2", str(student), "--out", str(out)])
@@ -521,6 +529,7 @@ def test_onnx_friendly_networks_match_eager():
             torch.testing.assert_close(swapped(x), net(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_onnx_runtime_norm_precision_on_a_large_window(tmp_path):
     """ONNX Runtime's own normalisation loses precision on long reductions; ours does not."""
     missing = missing_onnx_packages()

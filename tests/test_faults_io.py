@@ -100,6 +100,7 @@ def test_lying_scaled_header_fails_as_truncated_without_allocating(tmp_path):
     assert done["peak_mb"] < PEAK_MB, done
 
 
+@pytest.mark.integration
 def test_preprocess_fails_the_lying_case_alone_with_small_memory(tmp_path):
     raw = tmp_path / "raw"
     ids = sorted(write_raw(raw, "2021", n=2))
@@ -141,6 +142,7 @@ def test_negative_dim_is_a_bad_header(tmp_path):
     assert "dim[2] is -8" in _read(tmp_path / "d.nii")
 
 
+@pytest.mark.integration
 def test_gzip_bomb_behind_a_small_header_is_not_inflated(tmp_path):
     """8^3 int16 declared (1 KB), 512 MB of zeros behind it: refused after ~1 MB of inflation."""
     bomb = tmp_path / "bomb.nii.gz"
@@ -197,6 +199,7 @@ def _client(cpp, source: Path, out: Path, *extra: str) -> dict:
     return peak_run([str(client), str(module), str(source), str(out), "--threads", "1", *extra])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("name", "content", "fragment"), [
     ("huge.nii.gz", lambda: gzip.compress(header_bytes((32767,) * 3) + b"\0" * 1000),
      "32767x32767x32767 int16 = 35181150961663 voxels, above the limit of 2147483648"),
@@ -222,6 +225,7 @@ def test_cpp_client_checks_header_before_allocating(cpp, tmp_path, name, content
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_cpp_client_max_voxels_option(cpp, tmp_path):
     source = small_volume(tmp_path / "v.nii", np.arange(1, 1081, dtype=np.int16).reshape(12, 10, 9))
     done = _client(cpp, source, tmp_path / "seg.nii", "--max-voxels", "100")
@@ -230,6 +234,7 @@ def test_cpp_client_max_voxels_option(cpp, tmp_path):
     assert done["rc"] == 2 and "--max-voxels must be a positive integer" in done["stderr"]
 
 
+@pytest.mark.integration
 def test_cpp_client_checks_the_weights_digest(cpp, tmp_path):
     """The C++ client recomputes the export's weights_sha256: a flipped tensor is refused."""
     import shutil

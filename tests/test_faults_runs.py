@@ -223,6 +223,7 @@ def test_torchscript_export_without_digest_loads_with_one_warning(tmp_path, caps
     assert line.startswith("warning:") and str(old) in line
 
 
+@pytest.mark.integration
 def test_flipped_pt2_export_is_refused(tmp_path):
     from mtcmkd.export.patch_network import export_pt2, load_pt2
 
@@ -350,6 +351,7 @@ def finished_run(store, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_run_records_its_splits_and_checkpoint_digests(store, finished_run):
     splits = json.loads((finished_run / "splits.json").read_text())
     assert list(splits) == ["store", "store_fingerprint", "fold", "train", "validation", "test"]
@@ -367,6 +369,7 @@ def test_run_records_its_splits_and_checkpoint_digests(store, finished_run):
         assert WEIGHTS_DIGEST_KEY in torch.load(finished_run / name, weights_only=True)
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_flipped_checkpoint(store, finished_run, tmp_path):
     out = tmp_path / "flipped"
     shutil.copytree(finished_run, out)
@@ -381,6 +384,7 @@ def test_resume_refuses_a_flipped_checkpoint(store, finished_run, tmp_path):
     assert (out / "student.pt").read_bytes() == before
 
 
+@pytest.mark.integration
 def test_resume_of_a_checkpoint_without_digests_warns_and_runs(store, finished_run, tmp_path):
     out = tmp_path / "legacy"
     shutil.copytree(finished_run, out)
@@ -395,6 +399,7 @@ def test_resume_of_a_checkpoint_without_digests_warns_and_runs(store, finished_r
     assert "resumed unverified" in r.stdout and (out / "splits.json").is_file()
 
 
+@pytest.mark.integration
 def test_resume_refuses_a_changed_store(store, tmp_path):
     own = tmp_path / "store"
     shutil.copytree(store, own)
@@ -411,6 +416,7 @@ def test_resume_refuses_a_changed_store(store, tmp_path):
     assert str(own) in line and "store changed" in line
 
 
+@pytest.mark.integration
 def test_train_refuses_a_folder_of_another_run(store, finished_run, tmp_path):
     out = tmp_path / "no_ckpt"
     shutil.copytree(finished_run, out)
@@ -423,6 +429,7 @@ def test_train_refuses_a_folder_of_another_run(store, finished_run, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.integration
 def test_same_run_without_checkpoint_starts_again_with_its_files_set_aside(
         store, finished_run, tmp_path):
     """A node failure before the first checkpoint: the requeued job (same config, no
@@ -439,6 +446,7 @@ def test_same_run_without_checkpoint_starts_again_with_its_files_set_aside(
     assert ckpt.latest_tag(out / "checkpoints") is not None
 
 
+@pytest.mark.integration
 def test_resume_accepts_a_config_saved_before_a_new_field_with_its_default(
         store, finished_run, tmp_path):
     """Adding a config field (with a default) must not orphan older runs' checkpoints."""
@@ -466,6 +474,7 @@ def test_resume_accepts_a_config_saved_before_a_new_field_with_its_default(
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_train_one_line_refusals(store, finished_run, tmp_path):
     as_file = tmp_path / "file"
     as_file.write_text("x")

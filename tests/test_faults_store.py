@@ -90,6 +90,7 @@ def test_second_writer_stops_at_once_naming_the_holder(tmp_path, raw2021, lock_h
         preprocess(raw2021, store)
 
 
+@pytest.mark.integration
 def test_wait_starts_when_the_holder_ends(tmp_path, raw2021, lock_holder):
     store = tmp_path / "store"
     holder = lock_holder(store)
@@ -106,6 +107,7 @@ def test_wait_starts_when_the_holder_ends(tmp_path, raw2021, lock_holder):
     assert (store / LOCK_NAME).read_text() == ""  # no stale pid once released
 
 
+@pytest.mark.integration
 def test_two_concurrent_runs_leave_a_complete_store(tmp_path):
     """The probe: two `preprocess` runs started together on one store."""
     raw, store = tmp_path / "raw", tmp_path / "store"

@@ -75,6 +75,7 @@ def test_count_parameters_trainable_only() -> None:
 # ---------------------------------------------------------------- shapes
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("size", SIZES)
 def test_residual_unet_shapes(size: tuple[int, int, int]) -> None:
     net = ResidualUNet(1, 4, TINY).eval()
@@ -132,6 +133,7 @@ def test_one_and_four_channel_inputs(in_channels: int) -> None:
 # ---------------------------------------------------------------- TorchScript
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["resunet", "kdnet"])
 def test_torchscript_matches_eager_at_two_sizes(kind: str, tmp_path: Path) -> None:
     net = build_network(kind, 1, 4, TINY).eval()
@@ -222,6 +224,7 @@ def test_cdsfl_output_shape_and_gradient_reaches_every_teacher_input() -> None:
         assert f.grad.abs().sum() > 0
 
 
+@pytest.mark.integration
 def test_cdsfl_gradient_reaches_every_teacher_network() -> None:
     """The cooperative part of MTCM-KD: the fusion loss trains all teachers."""
     teachers = [ResidualUNet(1, 4, TINY) for _ in range(3)]
@@ -341,6 +344,7 @@ def test_group_norm_function_keeps_only_the_input_for_backward():
         assert (a.float() - c.float()).abs().max() <= 0.02 * c.float().abs().max() + 1e-3
 
 
+@pytest.mark.integration
 @needs_cxx
 def test_group_norm_function_compiles_in_one_graph():
     """train.compile on a GPU traces the norms' training path: no graph break, same gradients."""

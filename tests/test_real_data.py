@@ -28,6 +28,7 @@ def real_store(tmp_path_factory):
     return store
 
 
+@pytest.mark.integration
 def test_store_holds_every_case(real_store):
     root = zarr.open_group(str(real_store), mode="r")
     assert root.attrs["cases"] == ["BraTS2021_00410", "BraTS2021_00620", "BraTS2021_00625",
@@ -36,6 +37,7 @@ def test_store_holds_every_case(real_store):
     assert sorted(set(root.attrs["folds"]["assignment"].values())) == [0, 1]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case_id", ["BraTS2021_00410", "BraTS2021_00652"])
 def test_labels_invert_exactly_to_the_source(real_store, case_id):
     g = zarr.open_group(str(real_store), mode="r")["cases"][case_id]
@@ -53,6 +55,7 @@ def test_labels_invert_exactly_to_the_source(real_store, case_id):
         seg_path.read_bytes()).hexdigest()
 
 
+@pytest.mark.integration
 def test_normalisation_reproducible_from_one_modality(real_store):
     case_id = "BraTS2021_00620"
     g = zarr.open_group(str(real_store), mode="r")["cases"][case_id]
@@ -67,6 +70,7 @@ def test_normalisation_reproducible_from_one_modality(real_store):
     assert abs(got[brain].mean()) < 1e-2 and abs(got[brain].std() - 1) < 1e-2
 
 
+@pytest.mark.integration
 def test_crop_keeps_the_whole_brain(real_store):
     case_id = "BraTS2021_00625"
     g = zarr.open_group(str(real_store), mode="r")["cases"][case_id]

@@ -75,6 +75,7 @@ def _log(tmp: Path, name: str, job: str) -> str:
     return p.read_text() if p.exists() else "(no job log)"
 
 
+@pytest.mark.integration
 def test_slurm_sbatch_trains_with_two_ranks(cluster, slurm_store, tmp_path):
     out = tmp_path / "run"
     config = _config(tmp_path, epochs=1, iters_per_epoch=2)
@@ -88,6 +89,7 @@ def test_slurm_sbatch_trains_with_two_ranks(cluster, slurm_store, tmp_path):
     assert "2 tasks on 1 node(s)" in log
 
 
+@pytest.mark.integration
 def test_slurm_preemption_signal_requeues_and_resumes(cluster, slurm_store, tmp_path):
     out = tmp_path / "run"
     config = _config(tmp_path, epochs=2, iters_per_epoch=15, ckpt_every=50)

@@ -1,4 +1,8 @@
-"""`mtcmkd demo`: the main job end to end on the embedded phantom, with one command.
+"""The steps of `mtcmkd demo`: the main job end to end on the embedded phantom, in one command.
+
+It lives in the CLI layer because it drives the other commands as a user types them (each
+step is a `mtcmkd ...` or `torchrun ...` subprocess) and then runs the exported file; the
+library below never calls it. `cli/demo.py` holds the options and the final table.
 
 Steps (each printed as the command a user would type, with its output and its time):
 
@@ -30,9 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import yaml
 
 from mtcmkd.atomic import atomic_write_text
+from mtcmkd.data import StoreInfo, open_store, split_cases
 
 __all__ = ["DemoError", "DemoSettings", "DemoStep", "demo_config", "run_demo"]
 
@@ -111,9 +118,6 @@ def _run(cmd: list[str], name: str, env: dict[str, str] | None = None) -> None:
 
 
 def _first_val_case(settings: DemoSettings) -> str:
-    from mtcmkd.data import StoreInfo, split_cases
-    from mtcmkd.data.store import open_store
-
     _, val = split_cases(StoreInfo.from_group(open_store(settings.out / "store")), 0)
     if not val:
         raise DemoError(f"{settings.out / 'store'}: fold 0 holds no case")
@@ -122,8 +126,8 @@ def _first_val_case(settings: DemoSettings) -> str:
 
 def _run_exported_python(module_path: Path, image_path: Path, out_path: Path) -> tuple[Any, float]:
     """Run the exported TorchScript file on one NIfTI from Python; returns (labels, seconds)."""
-    import nibabel as nib
-    import numpy as np
+    # torch and mtcmkd.inference (which imports torch, ~2 s) only here: cli/main.py imports
+    # every command module, and `mtcmkd --help` or `mtcmkd synth` must not pay for them.
     import torch
 
     from mtcmkd.inference import write_label_nifti
@@ -220,8 +224,6 @@ def _describe(step: DemoStep, settings: DemoSettings) -> None:
 
 def _inference_step(settings: DemoSettings, module_path: Path,
                     say: Callable[[str], None]) -> DemoStep:
-    import numpy as np
-
     out = settings.out
     case = _first_val_case(settings)
     image = out / "raw" / case / f"{case}_t1ce.nii.gz"
@@ -233,6 +235,7 @@ def _inference_step(settings: DemoSettings, module_path: Path,
     step.details = {"case": case, "python_seconds": py_seconds, "python_output": str(py_out)}
     result = [f"{case}: Python {py_seconds:.1f} s"]
     if settings.cpp:
+        # mtcmkd.export imports torch: lazily, as in _run_exported_python.
         from mtcmkd.export.cpp_client import build_cpp_client, cpp_toolchain_missing
         from mtcmkd.export.source import ExportError
 
@@ -244,8 +247,6 @@ def _inference_step(settings: DemoSettings, module_path: Path,
             except ExportError as exc:
                 reason = f"build failed: {exc}"
         if reason is None:
-            import nibabel as nib
-
             cpp_out = out / "exported" / "cpp" / f"{case}.nii.gz"
             cpp_out.parent.mkdir(parents=True, exist_ok=True)
             cmd = [str(exe), str(module_path), str(image), str(cpp_out)]

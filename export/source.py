@@ -13,7 +13,9 @@ from pathlib import Path
 
 from torch import nn
 
-from mtcmkd.student_weights import StudentBundle
+from mtcmkd.integrity import CheckpointError, safe_torch_load
+from mtcmkd.models import build_network
+from mtcmkd.student_weights import StudentBundle, load_student, resolve_student_path
 
 __all__ = ["ExportError", "VerificationError", "frozen_network", "load_export_source"]
 
@@ -40,8 +42,6 @@ def load_export_source(path: str | Path) -> StudentBundle:
             student weights file (another method's checkpoint, a tampered or foreign file), or
             weights that do not fit the network its config describes.
     """
-    from mtcmkd.engine.checkpoint import CheckpointError
-    from mtcmkd.student_weights import load_student, resolve_student_path
 
     try:
         resolved = resolve_student_path(Path(path))
@@ -77,8 +77,6 @@ def load_export_source(path: str | Path) -> StudentBundle:
 
 def _describe_mismatch(path: Path) -> str:
     """Name the first parameter that does not fit, instead of torch's multi-line report."""
-    from mtcmkd.engine.checkpoint import safe_torch_load
-    from mtcmkd.models import build_network
 
     payload = safe_torch_load(path)
     model = payload["config"]["model"]

@@ -24,16 +24,21 @@ contiguous tensor on the CPU in native (little-endian) byte order.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = [
+    "CheckpointError",
     "WEIGHTS_DIGEST_KEY",
     "WeightsIntegrityError",
     "file_sha256",
+    "safe_torch_load",
     "warn_unverified",
     "weights_digest",
 ]
@@ -103,3 +108,41 @@ def warn_unverified(path: str | Path, what: str = "weights file") -> None:
     _warned.add(key)
     print(f"warning: {path}: {what} without a content digest (written before mtcmkd recorded "
           "one); loaded unverified", file=sys.stderr)
+
+
+#: What torch.save writes: a zip archive (since torch 1.6) or a legacy pickle (protocol 2+).
+_PICKLE_MAGIC = b"\x80"
+
+
+class CheckpointError(RuntimeError):
+    """A weights file (checkpoint, student file) is missing, incomplete, tampered with or from another configuration."""
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """`torch.load` restricted to tensors and plain containers (weights_only=True).
+
+    Raises:
+        CheckpointError: not a file `torch.save` wrote (a text file, say), a file that needs
+            arbitrary objects to unpickle, or a damaged one; the message names the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    # torch.load on a text file fails in many ways (KeyError, IndexError "pop from empty
+    # list", UnpicklingError "Unsupported operand"): look at the first bytes instead.
+    if not (zipfile.is_zipfile(path) or head.startswith(_PICKLE_MAGIC)):
+        raise CheckpointError(f"{path}: not a PyTorch weights file (torch.save writes a zip "
+                              "archive; this file is not one)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused to load: the file holds objects other than "
+                              f"weights and plain values (tampered or foreign file?): {first}"
+                              ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
+            zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({first})") from None

@@ -25,9 +25,11 @@ from mtcmkd.atomic import atomic_output
 from mtcmkd.integrity import (
     WEIGHTS_DIGEST_KEY,
     WeightsIntegrityError,
+    safe_torch_load,
     warn_unverified,
     weights_digest,
 )
+from mtcmkd.models import build_network
 
 FORMAT = "mtcmkd-student"
 FORMAT_VERSION = 1
@@ -93,8 +95,6 @@ def load_student(path: Path) -> StudentBundle:
         that differ from the digest recorded at save (a damaged file). CheckpointError: a
         tampered or non-PyTorch file.
     """
-    from mtcmkd.engine.checkpoint import safe_torch_load
-    from mtcmkd.models import build_network
 
     path = resolve_student_path(path)
     payload = safe_torch_load(path)

@@ -124,7 +124,7 @@ def worker(mode: str, files: dict[str, str], overlap: float, out: Path,
         network = bundle.network.to(device)
 
         def infer() -> np.ndarray:
-            pred = predict_volume(network, volume[None], bundle.patch_size, bundle.n_out,
+            pred = predict_volume(network, volume[None], bundle.patch_size, bundle.n_classes,
                                   bundle.output, overlap=overlap)
             return to_release_labels(pred.labels, "2021")
     elif mode == "torchscript":
@@ -242,7 +242,7 @@ def main() -> None:
         patch = (args.patch,) * 3
         student = tmp / "student.pt"
         save_student(student, net, config=to_dict(cfg), config_hash=config_hash(cfg),
-                     channels=("t1ce",), output="softmax", n_out=4, patch_size=patch)
+                     channels=("t1ce",), output="softmax", n_classes=4, patch_size=patch)
         exported = export_torchscript(student, tmp / "student_ts.pt", overlap=args.overlap)
         files = {"volume": str(volume), "student": str(student),
                  "torchscript": str(exported.path), "patch": json.dumps(list(patch))}

@@ -76,7 +76,7 @@ def digest_figures(cfg, method, repeat: int, tmp: Path) -> dict:
     digest_s = _median_seconds(lambda: weights_digest(state), repeat)
     path = tmp / "student.pt"
     save_student(path, net, config=to_dict(cfg), config_hash=config_hash(cfg),
-                 channels=("t1ce",), output=cfg.model.output, n_out=cfg.model.n_classes,
+                 channels=("t1ce",), output=cfg.model.output, n_classes=cfg.model.n_classes,
                  patch_size=tuple(cfg.data.patch_size))
     load_s = _median_seconds(lambda: load_student(path), repeat)
     plain_s = _median_seconds(lambda: torch.load(path, weights_only=True), repeat)

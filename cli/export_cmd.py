@@ -116,7 +116,7 @@ def export_torchscript_cmd(
 
 
 def _patch_rows(result: Any) -> list[tuple[str, Any]]:
-    meta = result.metadata
+    meta = result.metadata  # its "n_out" (the number of output channels) keeps its historical name
     rows: list[tuple[str, Any]] = [
         ("file", f"{result.path} ({_size(result.path)})"),
         ("input", f"{', '.join(meta['modalities'])} z-scored: float32 (B, "

@@ -4,7 +4,7 @@ ONNX and ``.pt2`` users get the network, not the whole inference: sliding window
 data-dependent loops do not fit these graph formats, and an edge runtime tiles with its own
 code anyway (recipe in ``export/README.md``). The program takes a normalised batch
 (B, C, D, H, W) whose spatial sizes are multiples of the network stride (8 for the default
-widths, at least twice the stride) and returns logits (B, n_out, D, H, W).
+widths, at least twice the stride) and returns logits (B, n_classes, D, H, W).
 
 ``torch.export`` needs the dynamic sizes declared as ``stride * Dim``; it specialises a size of
 1 (in units of the stride), so the smallest accepted size is two strides.
@@ -67,9 +67,9 @@ def patch_metadata(bundle: StudentBundle, stride: int, fmt: str) -> dict[str, An
         "input": "float32 (B, C, D, H, W), each channel z-scored on its non-zero voxels "
                  "(mean/std of the brain, 0 outside); D, H, W multiples of the stride, "
                  f"at least {2 * stride}",
-        "output": "float32 logits (B, n_out, D, H, W)",
+        "output": "float32 logits (B, n_out, D, H, W)",  # names the "n_out" key below
         "network_output": bundle.output,
-        "n_out": bundle.n_out,
+        "n_out": bundle.n_classes,  # documented key (export/README.md): its historical name
         "stride": stride,
         "patch_size": list(bundle.patch_size),
         "sigma_scale": 0.125,

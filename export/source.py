@@ -64,12 +64,12 @@ def load_export_source(path: str | Path) -> StudentBundle:
     if bundle.output not in ("softmax", "regions"):
         raise ExportError(f"{path}: unknown network output kind {bundle.output!r} "
                           "(expected 'softmax' or 'regions')")
-    if bundle.output == "softmax" and bundle.n_out < 4:
+    if bundle.output == "softmax" and bundle.n_classes < 4:
         raise ExportError(f"{path}: a softmax student needs at least 4 classes "
-                          f"(background, NCR, ED, ET), this one has {bundle.n_out}")
-    if bundle.output == "regions" and bundle.n_out != 3:
+                          f"(background, NCR, ED, ET), this one has {bundle.n_classes}")
+    if bundle.output == "regions" and bundle.n_classes != 3:
         raise ExportError(f"{path}: a region student has 3 outputs (WT, TC, ET), this one has "
-                          f"{bundle.n_out}")
+                          f"{bundle.n_classes}")
     if len(bundle.patch_size) != 3 or min(bundle.patch_size) < 1:
         raise ExportError(f"{path}: bad patch size {bundle.patch_size} in the weights file")
     return bundle
@@ -81,7 +81,8 @@ def _describe_mismatch(path: Path) -> str:
     payload = safe_torch_load(path)
     model = payload["config"]["model"]
     widths = model.get("widths")
-    network = build_network(model["kind"], len(payload["channels"]), int(payload["n_out"]),
+    n_classes = int(payload["n_out"])  # the student file's key keeps its historical name
+    network = build_network(model["kind"], len(payload["channels"]), n_classes,
                             None if widths is None else tuple(widths))
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in payload["state_dict"].items()}

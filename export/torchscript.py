@@ -87,13 +87,13 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
-def label_lookup(labels: str | int, output: str, n_out: int) -> list[int]:
+def label_lookup(labels: str | int, output: str, n_classes: int) -> list[int]:
     """Release label value of every canonical label the student can predict.
 
     Args:
         labels: release whose label values the file writes ("2021", "2023", "msd", ...).
-        output: "softmax" (canonical labels 0..n_out-1) or "regions" (canonical 0..3).
-        n_out: network outputs.
+        output: "softmax" (canonical labels 0..n_classes-1) or "regions" (canonical 0..3).
+        n_classes: network output channels.
 
     Returns:
         ``lut`` with ``lut[canonical] = release value``.
@@ -106,8 +106,8 @@ def label_lookup(labels: str | int, output: str, n_out: int) -> list[int]:
         info = release(labels)
     except ValueError as exc:
         raise ExportError(f"--labels: {exc}") from None
-    n_classes = n_out if output == "softmax" else 4
-    canonical = np.arange(n_classes)
+    n_labels = n_classes if output == "softmax" else 4
+    canonical = np.arange(n_labels)
     try:
         values = info.unmap_labels(canonical)
     except ValueError:
@@ -127,21 +127,21 @@ class InferencePipeline(nn.Module):
     file serves every volume size.
 
     Args:
-        network: patch network, eval mode, (B, C, *patch) -> logits (B, n_out, *patch).
-        patch_size, n_out, output, overlap, sigma_scale, mirror: as
+        network: patch network, eval mode, (B, C, *patch) -> logits (B, n_classes, *patch).
+        patch_size, n_classes, output, overlap, sigma_scale, mirror: as
             :class:`~mtcmkd.inference.SlidingWindow`.
         label_values: release value of each canonical label (:func:`label_lookup`).
         n_channels: input modalities (1 for a T1ce student).
         label_convention: release name, kept as an attribute so C++ can print it.
     """
 
-    def __init__(self, network: nn.Module, patch_size: Sequence[int], n_out: int, output: str,
+    def __init__(self, network: nn.Module, patch_size: Sequence[int], n_classes: int, output: str,
                  label_values: Sequence[int], *, overlap: float = 0.5, sigma_scale: float = 0.125,
                  mirror: bool = False, n_channels: int = 1, label_convention: str = "2021"
                  ) -> None:
         super().__init__()
         self.normalize = BrainZScore()
-        self.window = SlidingWindow(network, patch_size, n_out, overlap=overlap,
+        self.window = SlidingWindow(network, patch_size, n_classes, overlap=overlap,
                                     sigma_scale=sigma_scale, output=output, mirror=mirror)
         self.output: str = output
         self.sigmoid: bool = output == "regions"
@@ -173,7 +173,7 @@ class InferencePipeline(nn.Module):
         return box
 
     def _crop_probabilities(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        """Network probabilities (n_out, d, h, w) on the brain box, and the box."""
+        """Network probabilities (n_classes, d, h, w) on the brain box, and the box."""
         box = self._brain_box(x)
         # contiguous() like predict_volume's numpy crop: the same memory layout gives the same
         # reduction order in the z-score, hence bit-identical inputs to the network.
@@ -221,8 +221,8 @@ def build_inference_module(bundle: StudentBundle, labels: str | int = "2021",
     """
     if not 0.0 <= overlap < 1.0:
         raise ExportError(f"--overlap must be in [0, 1), got {overlap}")
-    lut = label_lookup(labels, bundle.output, bundle.n_out)
-    return InferencePipeline(frozen_network(bundle), bundle.patch_size, bundle.n_out,
+    lut = label_lookup(labels, bundle.output, bundle.n_classes)
+    return InferencePipeline(frozen_network(bundle), bundle.patch_size, bundle.n_classes,
                              bundle.output, lut, overlap=overlap, sigma_scale=sigma_scale,
                              mirror=mirror, n_channels=len(bundle.channels),
                              label_convention=release(labels).name).eval()
@@ -233,7 +233,7 @@ def export_metadata(bundle: StudentBundle, labels: str | int, overlap: float, *,
                     source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """What a deployment must know without mtcmkd: inputs, label values, provenance."""
     info = release(labels)
-    lut = label_lookup(labels, bundle.output, bundle.n_out)
+    lut = label_lookup(labels, bundle.output, bundle.n_classes)
     meta = bundle.meta
     return {
         "format": FORMAT,
@@ -250,7 +250,7 @@ def export_metadata(bundle: StudentBundle, labels: str | int, overlap: float, *,
                     for name, members in REGIONS.items()},
         "probabilities_channels": list(REGION_ORDER),
         "network_output": bundle.output,
-        "n_out": bundle.n_out,
+        "n_out": bundle.n_classes,  # documented key (export/README.md): its historical name
         "patch_size": list(bundle.patch_size),
         "overlap": float(overlap),
         "sigma_scale": float(sigma_scale),
@@ -399,8 +399,8 @@ def reference_prediction(bundle: StudentBundle, volume: np.ndarray, *, labels: s
         (labels (D, H, W) uint8 in the release convention, WT/TC/ET probabilities
         (3, D, H, W) float32, 0 outside the brain box).
     """
-    pred = predict_volume(bundle.network, volume, bundle.patch_size, bundle.n_out, bundle.output,
-                          overlap=overlap, sigma_scale=sigma_scale, mirror=mirror)
+    pred = predict_volume(bundle.network, volume, bundle.patch_size, bundle.n_classes,
+                          bundle.output, overlap=overlap, sigma_scale=sigma_scale, mirror=mirror)
     p = pred.probabilities
     regions = p if bundle.output == "regions" else np.stack([p[1] + p[2] + p[3], p[1] + p[3],
                                                              p[3]])

@@ -5,7 +5,8 @@
 
     format "mtcmkd-student", format_version 1, state_dict (the student network),
     config (the run's resolved config as plain dicts), config_hash, channels (student
-    modalities, e.g. ["t1ce"]), n_out, output ("softmax" or "regions"), patch_size,
+    modalities, e.g. ["t1ce"]), n_out (the number of output channels, `n_classes` in the code;
+    the key keeps its historical name), output ("softmax" or "regions"), patch_size,
     val_dice ({"WT": .., "TC": .., "ET": ..} or {}), step, epoch, mtcmkd_version,
     weights_sha256 (:func:`mtcmkd.integrity.weights_digest` of state_dict, verified at every
     load; absent in files written before it existed, which load with a one-line warning).
@@ -40,13 +41,13 @@ class StudentBundle:
     network: nn.Module
     channels: tuple[str, ...]
     output: str
-    n_out: int
+    n_classes: int
     patch_size: tuple[int, int, int]
     meta: dict[str, Any]
 
 
 def save_student(path: Path, network: nn.Module, *, config: dict, config_hash: str,
-                 channels: tuple[str, ...], output: str, n_out: int,
+                 channels: tuple[str, ...], output: str, n_classes: int,
                  patch_size: tuple[int, int, int], val_dice: dict[str, float] | None = None,
                  step: int = 0, epoch: int = 0) -> None:
     """Write the file atomically (temporary name, then rename)."""
@@ -60,7 +61,7 @@ def save_student(path: Path, network: nn.Module, *, config: dict, config_hash: s
         "config_hash": config_hash,
         "channels": list(channels),
         "output": output,
-        "n_out": int(n_out),
+        "n_out": int(n_classes),  # the on-disk key keeps its historical name
         "patch_size": [int(p) for p in patch_size],
         "val_dice": dict(val_dice or {}),
         "step": int(step),
@@ -106,7 +107,8 @@ def load_student(path: Path) -> StudentBundle:
     _verify_digest(path, payload)
     model_cfg = payload["config"]["model"]
     widths = model_cfg.get("widths")
-    net = build_network(model_cfg["kind"], len(payload["channels"]), int(payload["n_out"]),
+    n_classes = int(payload["n_out"])  # the on-disk key keeps its historical name
+    net = build_network(model_cfg["kind"], len(payload["channels"]), n_classes,
                         None if widths is None else tuple(widths))
     try:
         net.load_state_dict(payload["state_dict"], strict=True)
@@ -116,7 +118,7 @@ def load_student(path: Path) -> StudentBundle:
                          f"({first})") from None
     net.eval()
     return StudentBundle(network=net, channels=tuple(payload["channels"]),
-                         output=payload["output"], n_out=int(payload["n_out"]),
+                         output=payload["output"], n_classes=n_classes,
                          patch_size=tuple(payload["patch_size"]), meta=payload)
 
 

@@ -66,12 +66,12 @@ def write_student(path: Path, *, patch=PATCH, output: str = "softmax", seed: int
                   widths=TINY_WIDTHS) -> Path:
     """A student weights file as training writes it, from the tiny config."""
     cfg = load_config(REPO / "configs" / "tiny.yaml")
-    n_out = 3 if output == "regions" else 4
+    n_classes = 3 if output == "regions" else 4
     torch.manual_seed(seed)
-    net = build_network("resunet", 1, n_out, widths)
+    net = build_network("resunet", 1, n_classes, widths)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_student(path, net, config=to_dict(cfg), config_hash=config_hash(cfg),
-                 channels=("t1ce",), output=output, n_out=n_out, patch_size=patch,
+                 channels=("t1ce",), output=output, n_classes=n_classes, patch_size=patch,
                  val_dice={"WT": 0.81, "TC": 0.72, "ET": 0.65}, step=12, epoch=2)
     return path
 
@@ -150,6 +150,8 @@ def test_metadata_inside_the_file(exported, student):
     assert meta["mtcmkd_version"] == payload["mtcmkd_version"]
     assert meta["config_hash"] == payload["config_hash"]
     assert meta["val_dice"] == {"WT": 0.81, "TC": 0.72, "ET": 0.65}
+    # The code says n_classes; both files keep the documented key "n_out".
+    assert meta["n_out"] == payload["n_out"] == 4 and "n_classes" not in meta
     # Plain zip + JSON: readable by any tool, not only torch.
     with zipfile.ZipFile(exported.path) as archive:
         name = next(n for n in archive.namelist() if n.endswith("extra/mtcmkd.json"))
@@ -243,7 +245,7 @@ def _refusal_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     save_student(tmp_path / "mismatch.pt", build_network("resunet", 1, 4, (4, 8, 12, 16)),
                  config=to_dict(cfg), config_hash=config_hash(cfg), channels=("t1ce",),
-                 output="softmax", n_out=4, patch_size=PATCH)
+                 output="softmax", n_classes=4, patch_size=PATCH)
     return {
         "missing": (tmp_path / "nope.pt", "no such file"),
         "run folder without student": (tmp_path / "empty_run", "no student weights"),

@@ -82,7 +82,7 @@ def write_student(path: Path, *, digest: bool = True) -> Path:
     torch.manual_seed(0)
     net = build_network("resunet", 1, 4, (8, 16, 24, 32))
     save_student(path, net, config=to_dict(cfg), config_hash=config_hash(cfg),
-                 channels=("t1ce",), output="softmax", n_out=4, patch_size=(16, 16, 16))
+                 channels=("t1ce",), output="softmax", n_classes=4, patch_size=(16, 16, 16))
     if not digest:  # a file as written before digests existed
         payload = torch.load(path, weights_only=True)
         del payload[WEIGHTS_DIGEST_KEY]
@@ -174,7 +174,7 @@ def test_flipped_student_file_is_refused_by_every_loader(tmp_path):
 def test_student_file_without_digest_loads_with_one_warning(tmp_path, capsys):
     student = write_student(tmp_path / "old.pt", digest=False)
     bundle = load_student(student)
-    assert bundle.n_out == 4
+    assert bundle.n_classes == 4
     err = capsys.readouterr().err
     line = one_error_line(err)
     assert line.startswith("warning:") and str(student) in line

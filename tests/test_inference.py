@@ -47,9 +47,9 @@ def _script(module):
         return torch.jit.script(module)
 
 
-def _pointwise_net(in_channels: int = 1, n_out: int = 4) -> nn.Conv3d:
+def _pointwise_net(in_channels: int = 1, n_classes: int = 4) -> nn.Conv3d:
     """A 1x1x1 convolution with fixed weights: each voxel's output depends on that voxel only."""
-    conv = nn.Conv3d(in_channels, n_out, kernel_size=1)
+    conv = nn.Conv3d(in_channels, n_classes, kernel_size=1)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
@@ -57,9 +57,9 @@ def _pointwise_net(in_channels: int = 1, n_out: int = 4) -> nn.Conv3d:
     return conv.eval()
 
 
-def _flip_equivariant_net(n_out: int = 4) -> nn.Conv3d:
+def _flip_equivariant_net(n_classes: int = 4) -> nn.Conv3d:
     """3x3x3 convolution, zero padding, kernel symmetric under every axis flip."""
-    conv = nn.Conv3d(1, n_out, kernel_size=3, padding=1)
+    conv = nn.Conv3d(1, n_classes, kernel_size=3, padding=1)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         k = torch.randn(conv.weight.shape, generator=gen)
@@ -120,7 +120,7 @@ def test_pointwise_network_gives_whole_volume_result(shape, overlap):
     """Blending identical per-voxel values is exact, so windows must not change anything."""
     net = _pointwise_net()
     x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(2))
-    window = SlidingWindow(net, PATCH, n_out=4, overlap=overlap, window_batch=3)
+    window = SlidingWindow(net, PATCH, n_classes=4, overlap=overlap, window_batch=3)
     with torch.no_grad():
         expected = torch.softmax(net(x), dim=1)
     out = window(x)
@@ -130,18 +130,18 @@ def test_pointwise_network_gives_whole_volume_result(shape, overlap):
 
 
 def test_region_output_is_sigmoid():
-    net = _pointwise_net(n_out=3)
+    net = _pointwise_net(n_classes=3)
     x = torch.randn(1, 1, 21, 18, 17, generator=torch.Generator().manual_seed(3))
-    out = SlidingWindow(net, PATCH, n_out=3, output="regions")(x)
+    out = SlidingWindow(net, PATCH, n_classes=3, output="regions")(x)
     with torch.no_grad():
         torch.testing.assert_close(out, torch.sigmoid(net(x)), atol=1e-6, rtol=1e-5)
 
 
 def test_scripted_equals_eager_at_two_sizes():
     net = _tiny_unet()
-    eager = SlidingWindow(net, PATCH, n_out=4, overlap=0.5)
-    scripted_both = _script(SlidingWindow(_script(net), PATCH, n_out=4, overlap=0.5))
-    scripted_wrapper = _script(SlidingWindow(net, PATCH, n_out=4, overlap=0.5, window_batch=2))
+    eager = SlidingWindow(net, PATCH, n_classes=4, overlap=0.5)
+    scripted_both = _script(SlidingWindow(_script(net), PATCH, n_classes=4, overlap=0.5))
+    scripted_wrapper = _script(SlidingWindow(net, PATCH, n_classes=4, overlap=0.5, window_batch=2))
     gen = torch.Generator().manual_seed(4)
     for shape in [(24, 20, 33), (12, 24, 17)]:  # the second is smaller than the patch in D
         x = torch.randn(1, 1, *shape, generator=gen)
@@ -154,7 +154,7 @@ def test_scripted_equals_eager_at_two_sizes():
 def test_scripted_normalisation_and_window_in_one_module(tmp_path):
     """Raw intensities in, probabilities out: one TorchScript file, reloaded, any size."""
     net = _tiny_unet()
-    pipeline = nn.Sequential(BrainZScore(), SlidingWindow(net, PATCH, n_out=4, mirror=True))
+    pipeline = nn.Sequential(BrainZScore(), SlidingWindow(net, PATCH, n_classes=4, mirror=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notices
         torch.jit.save(_script(pipeline), str(tmp_path / "pipeline.pt"))
@@ -167,8 +167,8 @@ def test_scripted_normalisation_and_window_in_one_module(tmp_path):
 def test_mirror_tta_equals_plain_for_flip_equivariant_network():
     net = _flip_equivariant_net()
     x = torch.randn(1, 1, 20, 17, 24, generator=torch.Generator().manual_seed(5))
-    plain = SlidingWindow(net, PATCH, n_out=4)(x)
-    mirrored = SlidingWindow(net, PATCH, n_out=4, mirror=True, window_batch=2)(x)
+    plain = SlidingWindow(net, PATCH, n_classes=4)(x)
+    mirrored = SlidingWindow(net, PATCH, n_classes=4, mirror=True, window_batch=2)(x)
     torch.testing.assert_close(mirrored, plain, atol=1e-6, rtol=1e-5)
     # ... while for a network that is not equivariant, the 8 mirrors do change the result.
     unet = _tiny_unet()
@@ -179,21 +179,21 @@ def test_mirror_tta_equals_plain_for_flip_equivariant_network():
 def test_window_batch_does_not_change_the_result():
     net = _tiny_unet()
     x = torch.randn(1, 1, 28, 20, 24, generator=torch.Generator().manual_seed(6))
-    one = SlidingWindow(net, PATCH, n_out=4, window_batch=1)(x)
-    many = SlidingWindow(net, PATCH, n_out=4, window_batch=5)(x)
+    one = SlidingWindow(net, PATCH, n_classes=4, window_batch=1)(x)
+    many = SlidingWindow(net, PATCH, n_classes=4, window_batch=5)(x)
     torch.testing.assert_close(many, one, atol=1e-5, rtol=0)
 
 
 def test_sliding_window_input_checks():
-    net = _pointwise_net(n_out=4)
-    with pytest.raises(ValueError, match="n_out"):
-        SlidingWindow(net, PATCH, n_out=3)(torch.randn(1, 1, 16, 16, 16))
+    net = _pointwise_net(n_classes=4)
+    with pytest.raises(ValueError, match="n_classes"):
+        SlidingWindow(net, PATCH, n_classes=3)(torch.randn(1, 1, 16, 16, 16))
     with pytest.raises(ValueError, match="one volume"):
-        SlidingWindow(net, PATCH, n_out=4)(torch.randn(2, 1, 16, 16, 16))
+        SlidingWindow(net, PATCH, n_classes=4)(torch.randn(2, 1, 16, 16, 16))
     with pytest.raises(ValueError, match="output"):
-        SlidingWindow(net, PATCH, n_out=4, output="logits")
+        SlidingWindow(net, PATCH, n_classes=4, output="logits")
     with pytest.raises(ValueError, match="overlap"):
-        SlidingWindow(net, PATCH, n_out=4, overlap=1.0)
+        SlidingWindow(net, PATCH, n_classes=4, overlap=1.0)
 
 
 # --- normalisation -----------------------------------------------------------------------
@@ -348,7 +348,7 @@ def test_predict_volume_crops_normalises_and_uncrops():
     image = np.zeros((1, 30, 26, 22), np.float32)
     image[0, 5:25, 4:20, 3:19] = rng.normal(500, 80, (20, 16, 16)).astype(np.float32)
     net = _pointwise_net()
-    result = predict_volume(net, image, PATCH, n_out=4)
+    result = predict_volume(net, image, PATCH, n_classes=4)
     assert result.bbox == [[5, 25], [4, 20], [3, 19]]
     assert result.labels.shape == (30, 26, 22) and result.labels.dtype == np.uint8
     assert result.probabilities.shape == (4, 20, 16, 16)
@@ -363,7 +363,7 @@ def test_predict_volume_crops_normalises_and_uncrops():
     # raw and already-normalised inputs give the same labels
     normalised = np.zeros_like(image)
     normalised[0, 5:25, 4:20, 3:19] = z
-    again = predict_volume(net, normalised, PATCH, n_out=4)
+    again = predict_volume(net, normalised, PATCH, n_classes=4)
     np.testing.assert_array_equal(again.labels, result.labels)
     with pytest.raises(ValueError, match="all zero"):
         predict_volume(net, np.zeros((1, 8, 8, 8), np.float32), PATCH)
@@ -382,7 +382,7 @@ def test_real_case_prediction_written_in_source_space(tmp_path):
     case = SHARED_SAMPLE / "BraTS2021_00410"
     t1ce = nib.load(str(case / "BraTS2021_00410_t1ce.nii.gz"))
     image = np.asarray(t1ce.dataobj, dtype=np.float32)[None]
-    result = predict_volume(_pointwise_net(), image, (64, 64, 64), n_out=4, window_batch=4)
+    result = predict_volume(_pointwise_net(), image, (64, 64, 64), n_classes=4, window_batch=4)
     out = write_label_nifti(to_release_labels(result.labels, "2021"),
                             case / "BraTS2021_00410_t1ce.nii.gz", tmp_path / "00410.nii.gz")
     seg_ref = nib.load(str(case / "BraTS2021_00410_seg.nii.gz"))

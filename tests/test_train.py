@@ -87,7 +87,7 @@ def test_train_writes_a_complete_run_folder(finished_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 6 and summary["ranks_in_sync"] is True
     bundle = load_student(out)
-    assert bundle.channels == ("t1ce",) and bundle.n_out == 4
+    assert bundle.channels == ("t1ce",) and bundle.n_classes == 4
 
 
 @pytest.mark.integration

@@ -148,7 +148,7 @@ class Checkpointer:
         save_student(self.out / name, self.method.student_network(), config=to_dict(cfg),
                      config_hash=self.config_hash,
                      channels=tuple(self.method.student_channels()), output=cfg.model.output,
-                     n_out=cfg.model.n_classes,
+                     n_classes=cfg.model.n_classes,
                      patch_size=tuple(cfg.data.patch_size), val_dice=val_dice or {},
                      step=state.step, epoch=state.epoch)
 

@@ -22,6 +22,8 @@ class LoopState:
     epoch: int = 0
     micro_in_epoch: int = 0  # next micro-batch index within the epoch
     step: int = 0  # optimiser steps done
+    # The method's stats summed so far this epoch, under the method's own keys (e.g.
+    # `DiceTally.key`): checkpoints store them, so a mid-epoch resume needs the same spelling.
     epoch_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     best_metric: float = -math.inf  # best validation mean Dice so far
     best_epoch: int = -1  # -1: never validated

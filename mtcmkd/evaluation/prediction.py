@@ -57,7 +57,7 @@ def predict_case(bundle: StudentBundle, item: PredictionInput, *, overlap: float
     start = time.perf_counter()
     loaded = load_prediction_input(item)
     try:
-        result = predict_volume(bundle.network, loaded.image, bundle.patch_size, bundle.n_out,
+        result = predict_volume(bundle.network, loaded.image, bundle.patch_size, bundle.n_classes,
                                 bundle.output, overlap=overlap, mirror=mirror, device=device)
     except ValueError as exc:  # all-zero or constant brain
         raise InputError(item.reference, str(exc)) from None

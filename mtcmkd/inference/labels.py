@@ -9,7 +9,8 @@ __all__ = ["probabilities_to_labels"]
 
 
 def probabilities_to_labels(probs: Tensor, output: str = "softmax") -> Tensor:
-    """Canonical uint8 labels (D, H, W) from probabilities (n_out, D, H, W) or (1, n_out, D, H, W).
+    """Canonical uint8 labels (D, H, W) from probabilities (n_classes, D, H, W) or
+    (1, n_classes, D, H, W).
 
     Args:
         probs: output of :class:`mtcmkd.inference.SlidingWindow` (batch dimension optional).

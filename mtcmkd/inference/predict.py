@@ -23,7 +23,7 @@ class VolumePrediction:
 
     Attributes:
         labels: (D, H, W) uint8 canonical labels on the full input grid (0 outside the brain).
-        probabilities: (n_out, d, h, w) float32 probabilities on the brain crop only.
+        probabilities: (n_classes, d, h, w) float32 probabilities on the brain crop only.
         bbox: ``[[lo, hi], [lo, hi], [lo, hi]]`` half-open crop of `probabilities` in the
             full volume.
     """
@@ -53,7 +53,7 @@ def predict_volume(
     network: nn.Module,
     image_channels: np.ndarray,
     patch_size: Sequence[int],
-    n_out: int = 4,
+    n_classes: int = 4,
     output: str = "softmax",
     *,
     overlap: float = 0.5,
@@ -66,11 +66,11 @@ def predict_volume(
     """Segment one case: brain crop -> z-score -> sliding window -> labels on the full grid.
 
     Args:
-        network: patch network (B, C, *patch) -> logits (B, n_out, *patch); set to eval mode.
+        network: patch network (B, C, *patch) -> logits (B, n_classes, *patch); set to eval mode.
         image_channels: (C, D, H, W) float32 intensities on the native grid, channels in the
             order the network was trained with (e.g. just ``t1ce`` for the student). Raw values
             or values already z-scored on the brain (z-scoring is then a no-op).
-        patch_size, n_out, output, overlap, sigma_scale, mirror, window_batch: as
+        patch_size, n_classes, output, overlap, sigma_scale, mirror, window_batch: as
             :class:`SlidingWindow`.
         normalize: z-score each channel on its non-zero voxels of the crop, as preprocessing does
             (:class:`BrainZScore`); turn off only for inputs normalised some other way.
@@ -93,7 +93,7 @@ def predict_volume(
         first = next(network.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     network.eval()
-    window = SlidingWindow(network, patch_size, n_out, overlap=overlap, sigma_scale=sigma_scale,
+    window = SlidingWindow(network, patch_size, n_classes, overlap=overlap, sigma_scale=sigma_scale,
                            output=output, mirror=mirror, window_batch=window_batch).to(device)
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None].to(device)

@@ -73,10 +73,10 @@ class SlidingWindow(nn.Module):
     """Whole-volume prediction from a patch network, Gaussian-blended, TorchScript-compatible.
 
     Args:
-        network: maps (B, C, *patch_size) -> logits (B, n_out, *patch_size); a plain or
+        network: maps (B, C, *patch_size) -> logits (B, n_classes, *patch_size); a plain or
             scripted module (e.g. ``mtcmkd.models.ResidualUNet``).
         patch_size: window size (3 ints), valid for the network (e.g. multiples of 8).
-        n_out: number of output channels of the network.
+        n_classes: number of output channels of the network.
         overlap: fraction of a window shared with its neighbour, in [0, 1); the step is
             ``round(patch * (1 - overlap))`` (at least 1).
         sigma_scale: Gaussian sigma as a fraction of the patch size (see
@@ -87,10 +87,10 @@ class SlidingWindow(nn.Module):
         window_batch: windows per network call.
 
     ``forward`` takes one normalised volume (1, C, D, H, W) of any size and returns
-    probabilities (1, n_out, D, H, W) float32. A volume smaller than the patch in some axis is
+    probabilities (1, n_classes, D, H, W) float32. A volume smaller than the patch in some axis is
     zero-padded (symmetrically) to the patch size there and the result cropped back; zero is
     background in z-scored images. Probabilities (not logits) are averaged over mirrors and
-    blended over windows with the Gaussian weights, accumulated in one (n_out, D, H, W) buffer
+    blended over windows with the Gaussian weights, accumulated in one (n_classes, D, H, W) buffer
     plus a (D, H, W) weight map, so memory stays bounded by the volume, not by the window count.
     Gradients are not tracked.
     """
@@ -99,7 +99,7 @@ class SlidingWindow(nn.Module):
         self,
         network: nn.Module,
         patch_size: Sequence[int],
-        n_out: int,
+        n_classes: int,
         overlap: float = 0.5,
         sigma_scale: float = 0.125,
         output: str = "softmax",
@@ -111,12 +111,14 @@ class SlidingWindow(nn.Module):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        if n_out < 1 or window_batch < 1:
-            raise ValueError(f"n_out and window_batch must be >= 1, got {n_out}, {window_batch}")
+        if n_classes < 1 or window_batch < 1:
+            raise ValueError(
+                f"n_classes and window_batch must be >= 1, got {n_classes}, {window_batch}"
+            )
         self.network = network
         self.patch_size: list[int] = [int(p) for p in patch_size]
         self.steps: list[int] = [max(1, int(round(p * (1.0 - overlap)))) for p in self.patch_size]
-        self.n_out: int = int(n_out)
+        self.n_classes: int = int(n_classes)
         self.output: str = output
         self.sigmoid: bool = output == "regions"
         self.n_mirrors: int = 8 if mirror else 1
@@ -132,7 +134,7 @@ class SlidingWindow(nn.Module):
         return torch.softmax(logits, dim=1)
 
     def _predict_windows(self, batch: Tensor) -> Tensor:
-        """Probabilities (B, n_out, *patch) of a batch of windows, averaged over the mirrors."""
+        """Probabilities (B, n_classes, *patch) of a batch of windows, averaged over the mirrors."""
         total = self._activate(self.network(batch))
         for m in range(1, self.n_mirrors):
             dims: list[int] = []
@@ -147,7 +149,7 @@ class SlidingWindow(nn.Module):
         return total / float(self.n_mirrors)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(1, C, D, H, W) normalised volume -> (1, n_out, D, H, W) float32 probabilities."""
+        """(1, C, D, H, W) normalised volume -> (1, n_classes, D, H, W) float32 probabilities."""
         if x.dim() != 5 or x.size(0) != 1:
             raise ValueError(
                 "SlidingWindow expects one volume (1, channels, depth, height, width), got shape "
@@ -170,7 +172,7 @@ class SlidingWindow(nn.Module):
 
             importance = self.importance.to(device=x.device, dtype=torch.float32)
             probs_sum = torch.zeros(
-                [self.n_out, size_d, size_h, size_w], dtype=torch.float32, device=x.device
+                [self.n_classes, size_d, size_h, size_w], dtype=torch.float32, device=x.device
             )
             weight_sum = torch.zeros([size_d, size_h, size_w], dtype=torch.float32, device=x.device)
             for first in range(0, len(windows), self.window_batch):
@@ -179,12 +181,12 @@ class SlidingWindow(nn.Module):
                 for s in chunk:
                     patches.append(x[0, :, s[0] : s[0] + pd, s[1] : s[1] + ph, s[2] : s[2] + pw])
                 probs = self._predict_windows(torch.stack(patches))
-                if probs.size(1) != self.n_out:
+                if probs.size(1) != self.n_classes:
                     raise ValueError(
                         "network returned "
                         + str(probs.size(1))
-                        + " channels, SlidingWindow was built for n_out="
-                        + str(self.n_out)
+                        + " channels, SlidingWindow was built for n_classes="
+                        + str(self.n_classes)
                     )
                 for i, s in enumerate(chunk):
                     sd, sh, sw = s[0], s[1], s[2]

@@ -16,12 +16,9 @@ Labels: canonical ``0..3`` plus ``4`` = RC (resection cavity, BraTS 2024 post-tr
 4-class softmax has no RC class, so RC is trained as background (label 0); the region output
 (WT, TC, ET) already excludes RC (:func:`mtcmkd.losses.region_targets`).
 
-Teacher / student performance statistics (:func:`dice_stats`) are per-patch whole-tumour (WT)
-and tumour-core (TC) Dice of the hard prediction. A patch whose truth and prediction are both
-empty for a region is skipped for that region (neither counted nor scored): per network and
-region the stats hold the sum of Dice over the counted patches and their count, and the epoch
-value is ``sum / count`` (1.0 when nothing was counted: every patch was empty and predicted
-empty, a perfect score under the BraTS empty-case rule).
+Teacher / student performance statistics (``MethodOutput.stats``) are the training hard-Dice
+tallies of :mod:`mtcmkd.methods.training_dice` (:func:`dice_stats`, :class:`DiceTally`),
+re-exported here.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -37,14 +34,25 @@ from torch import Tensor, nn
 from mtcmkd.config import RunConfig
 from mtcmkd.losses import region_segmentation_loss, segmentation_loss
 from mtcmkd.methods.options import MethodOptions
+from mtcmkd.methods.training_dice import (
+    TALLY_REGIONS,
+    DiceTally,
+    dice_stats,
+    epoch_dice,
+    epoch_dice_logs,
+    hard_region_masks,
+)
 from mtcmkd.models import build_network, count_parameters
 
 __all__ = [
+    "TALLY_REGIONS",
+    "DiceTally",
     "Method",
     "MethodOutput",
     "OneTeacherMethod",
     "dice_stats",
     "epoch_dice",
+    "epoch_dice_logs",
     "hard_region_masks",
     "seg_loss",
     "take_channels",
@@ -65,8 +73,8 @@ class MethodOutput:
             ``"<network>/<term>"``, e.g. ``"teacher_flair/seg"``, ``"cdsfl/seg"``,
             ``"student/kd_flair"``; ``loss == sum(terms.values())``. The set of names may
             change with the epoch (KD terms appear from ``kd_start_epoch``).
-        prediction: the student's full-resolution logits ``(B, n_out, *patch)`` (detached),
-            for training metrics; ``n_out`` is 4 (softmax) or 3 (regions WT, TC, ET).
+        prediction: the student's full-resolution logits ``(B, n_classes, *patch)`` (detached),
+            for training metrics; ``n_classes`` is 4 (softmax) or 3 (regions WT, TC, ET).
         stats: per-step sums (detached, float32 scalars) for the loop to sum over steps and
             all-reduce (sum) over ranks before :meth:`Method.end_epoch`. The keys are the same
             in every step, epoch and rank of a method, so the reduction never mismatches.
@@ -95,87 +103,6 @@ def seg_loss(logits: Tensor, target: Tensor, output: str) -> Tensor:
     if output == "softmax":
         return segmentation_loss(logits, target)
     return region_segmentation_loss(logits, target)
-
-
-def hard_region_masks(logits: Tensor, output: str) -> tuple[Tensor, Tensor]:
-    """Hard WT and TC masks ``(B, *spatial)`` (bool) of a prediction.
-
-    Softmax: argmax class, WT = {1, 2, 3}, TC = {1, 3}. Regions: channel 0 (WT) and 1 (TC)
-    with logit > 0 (probability > 0.5).
-    """
-    if output == "softmax":
-        pred = logits.argmax(dim=1)
-        return pred != 0, (pred == 1) | (pred == 3)
-    return logits[:, 0] > 0, logits[:, 1] > 0
-
-
-def _true_region_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Truth WT = {1, 2, 3} and TC = {1, 3} from canonical labels (RC = 4 is in neither)."""
-    wt = (labels >= 1) & (labels <= 3)
-    tc = (labels == 1) | (labels == 3)
-    return wt, tc
-
-
-def _dice_sum_count(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of per-sample hard Dice over the samples where pred or truth is non-empty, and the
-    number of such samples (both float32 scalars; no host synchronisation)."""
-    dims = tuple(range(1, pred.ndim))
-    inter = (pred & truth).sum(dim=dims).float()
-    total = pred.sum(dim=dims).float() + truth.sum(dim=dims).float()
-    counted = total > 0
-    dice = torch.where(counted, 2.0 * inter / total.clamp_min(1.0), torch.zeros_like(total))
-    return dice.sum(), counted.float().sum()
-
-
-def _slice_dice_sum_count(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
-    """The MTCM-KD authors' performance Dice: per sample, the mean over the slices along the
-    first spatial axis of the 2D hard Dice, a slice empty in both scoring 1; every sample is
-    counted (an empty patch scores 1). Sum over samples and their count, as
-    :func:`_dice_sum_count`."""
-    dims = tuple(range(2, pred.ndim))  # (B, S, ...) -> per (sample, slice)
-    inter = (pred & truth).sum(dim=dims).float()
-    total = pred.sum(dim=dims).float() + truth.sum(dim=dims).float()
-    per_slice = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
-    return per_slice.mean(dim=1).sum(), torch.tensor(float(pred.shape[0]), device=pred.device)
-
-
-PerformanceDice = Literal["patch3d", "slice2d"]
-
-
-@torch.no_grad()
-def dice_stats(who: str, logits: Tensor, labels: Tensor, output: str,
-               dice: PerformanceDice = "patch3d") -> dict[str, Tensor]:
-    """Per-step WT and TC hard-Dice sums and counts of one network's prediction.
-
-    Keys: ``"<stem>_wt_dice_sum<suffix>"``, ``..._wt_dice_count...``, and the same for ``tc``,
-    where ``who = "teacher/flair"`` gives stem "teacher" and suffix "/flair" (so keys read
-    ``teacher_wt_dice_sum/flair``) and ``who = "student"`` gives ``student_wt_dice_sum``.
-    See the module docstring for the empty-patch rule. ``dice="slice2d"`` gives the MTCM-KD
-    authors' per-slice Dice instead (:func:`_slice_dice_sum_count`).
-    """
-    stem, _, name = who.partition("/")
-    sum_count = _slice_dice_sum_count if dice == "slice2d" else _dice_sum_count
-    suffix = f"/{name}" if name else ""
-    pred_wt, pred_tc = hard_region_masks(logits.detach(), output)
-    true_wt, true_tc = _true_region_masks(labels)
-    stats: dict[str, Tensor] = {}
-    for region, pred, truth in (("wt", pred_wt, true_wt), ("tc", pred_tc, true_tc)):
-        total, count = sum_count(pred, truth)
-        stats[f"{stem}_{region}_dice_sum{suffix}"] = total
-        stats[f"{stem}_{region}_dice_count{suffix}"] = count
-    return stats
-
-
-def epoch_dice(stats: Mapping[str, Tensor], who: str, region: str) -> float:
-    """Epoch mean hard Dice from reduced :func:`dice_stats` sums: ``sum / count``, or 1.0 when
-    no patch was counted (all empty and predicted empty). Missing keys count as no patch."""
-    stem, _, name = who.partition("/")
-    suffix = f"/{name}" if name else ""
-    total = stats.get(f"{stem}_{region}_dice_sum{suffix}")
-    count = stats.get(f"{stem}_{region}_dice_count{suffix}")
-    if total is None or count is None or float(count) <= 0:
-        return 1.0
-    return float(total) / float(count)
 
 
 def take_channels(image: Tensor, index: tuple[int, ...]) -> Tensor:
@@ -302,10 +229,7 @@ class Method(nn.Module, abc.ABC):
 
         The base version logs the student's training WT/TC Dice and changes nothing.
         """
-        return {
-            "student_wt_dice": epoch_dice(epoch_stats, "student", "wt"),
-            "student_tc_dice": epoch_dice(epoch_stats, "student", "tc"),
-        }
+        return epoch_dice_logs(epoch_stats, "student")
 
     def student_network(self) -> nn.Module:
         """The network used at inference and exported (``forward(x) -> logits``)."""
@@ -356,8 +280,7 @@ class OneTeacherMethod(Method):
 
     def end_epoch(self, epoch_stats: Mapping[str, Tensor]) -> dict[str, float]:
         logs = super().end_epoch(epoch_stats)
-        logs["teacher_wt_dice"] = epoch_dice(epoch_stats, "teacher", "wt")
-        logs["teacher_tc_dice"] = epoch_dice(epoch_stats, "teacher", "tc")
+        logs.update(epoch_dice_logs(epoch_stats, "teacher"))
         return logs
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -49,9 +49,11 @@ from torch import Tensor, nn
 from mtcmkd.config import RunConfig
 from mtcmkd.losses import KDScaling, downsample_labels, kd_kl, region_kd_kl, teacher_weights
 from mtcmkd.methods.base import (
+    DiceTally,
     Method,
     dice_stats,
     epoch_dice,
+    epoch_dice_logs,
     take_channels,
     target_labels,
 )
@@ -68,7 +70,8 @@ class MTCMKD(Method):
     seg_weight), and from ``kd_start_epoch`` on ``student/kd_<m>`` (alpha_m),
     ``student/ds_seg`` (ds_weight * ds_seg_fraction), ``student/ds_kd``
     (ds_weight * (1 - ds_seg_fraction)). Groups: ``teachers`` (teachers and CDSFL), ``student``.
-    Stats: WT/TC hard-Dice sums per teacher (``teacher_wt_dice_sum/<m>`` ...) and the student's.
+    Stats: WT/TC hard-Dice tallies per teacher (``DiceTally("teacher", region, <m>)``, keys
+    ``teacher_wt_dice_sum/<m>`` ...) and the student's.
     """
 
     Options = MTCMKDOptions
@@ -140,8 +143,8 @@ class MTCMKD(Method):
 
         stats: dict[str, Tensor] = {}
         for mod in self.teacher_modalities:
-            stats.update(dice_stats(f"teacher/{mod}", teacher_logits[mod], labels, self.output,
-                                    self.options.performance_dice))
+            stats.update(dice_stats("teacher", teacher_logits[mod], labels, self.output,
+                                    self.options.performance_dice, modality=mod))
         stats.update(dice_stats("student", logits, labels, self.output))
         return terms, logits, stats
 
@@ -149,9 +152,9 @@ class MTCMKD(Method):
         """``(n,)`` float32 performance per teacher from reduced stats (WT or (WT + TC) / 2)."""
         perf = []
         for mod in self.teacher_modalities:
-            wt = epoch_dice(epoch_stats, f"teacher/{mod}", "wt")
+            wt = epoch_dice(epoch_stats, DiceTally("teacher", "wt", mod))
             if self.options.performance_metric == "wt_tc":
-                wt = (wt + epoch_dice(epoch_stats, f"teacher/{mod}", "tc")) / 2.0
+                wt = (wt + epoch_dice(epoch_stats, DiceTally("teacher", "tc", mod))) / 2.0
             perf.append(wt)
         return torch.tensor(perf, dtype=torch.float32)
 
@@ -163,8 +166,7 @@ class MTCMKD(Method):
             self.alpha.copy_(alpha)
         logs = super().end_epoch(epoch_stats)
         for i, mod in enumerate(self.teacher_modalities):
-            logs[f"teacher_wt_dice/{mod}"] = epoch_dice(epoch_stats, f"teacher/{mod}", "wt")
-            logs[f"teacher_tc_dice/{mod}"] = epoch_dice(epoch_stats, f"teacher/{mod}", "tc")
+            logs.update(epoch_dice_logs(epoch_stats, "teacher", mod))
             logs[f"alpha/{mod}"] = float(alpha[i])
         return logs
 

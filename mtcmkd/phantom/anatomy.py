@@ -107,7 +107,7 @@ def resampled(name: str, shape: tuple[int, int, int]) -> Resampled:
         sigma = 0.42 / factor
         tissues = np.stack([ndi.gaussian_filter(t, sigma) for t in tissues])
     zoomed = np.stack([ndi.zoom(t, factor, order=1, grid_mode=False) for t in tissues])
-    # zoom(grid_mode=False) maps input index i to i * (n_out - 1) / (n_in - 1).
+    # zoom(grid_mode=False) maps input index i to i * (size_out - 1) / (size_in - 1) per axis.
     ratio = (np.array(zoomed.shape[1:]) - 1) / (np.array(src.tissues.shape[1:]) - 1)
     return Resampled(
         tissues=np.ascontiguousarray(zoomed, dtype=np.float32),

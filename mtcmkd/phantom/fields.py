@@ -13,10 +13,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
-def _bspline_matrix(n_out: int, n_ctrl: int) -> np.ndarray:
-    """(n_out, n_ctrl) cubic B-spline weights; one spare control point beyond each end."""
-    h = max(n_out - 1, 1) / (n_ctrl - 3)
-    u = np.arange(n_out)[:, None] / h - (np.arange(n_ctrl)[None, :] - 1)
+def _bspline_matrix(n_points: int, n_ctrl: int) -> np.ndarray:
+    """(n_points, n_ctrl) cubic B-spline weights; one spare control point beyond each end."""
+    h = max(n_points - 1, 1) / (n_ctrl - 3)
+    u = np.arange(n_points)[:, None] / h - (np.arange(n_ctrl)[None, :] - 1)
     a = np.abs(u)
     w = np.where(a < 1, 2 / 3 - a**2 + a**3 / 2, np.where(a < 2, (2 - a) ** 3 / 6, 0.0))
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)

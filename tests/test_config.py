@@ -404,6 +404,7 @@ PINNED_HASHES = {
     "barlow.yaml": "ad24ef38bfbe4156",
     "baseline.yaml": "cfd259af45a79fa7",
     "kdnet.yaml": "25ffcc6b8b7dabca",
+    "mdsd.yaml": "3a0ef73de3de2649",  # added with the method (issue 16), not a v1 file
     "mtcmkd-paper.yaml": "efc555d9e8cb50e7",
     "mtcmkd.yaml": "84329c25ce1caf20",
     "tiny.yaml": "684ece4ee332c245",
@@ -457,7 +458,8 @@ def test_flat_keys_go_to_the_chosen_methods_options() -> None:
         ({"name": "mtcmkd", "kdnet_lambda": 0.5},
          "method.kdnet_lambda: an option of method 'kdnet', not of 'mtcmkd'"),
         ({"name": "baseline", "kd_temperature": 4},
-         "method.kd_temperature: an option of methods 'mtcmkd' and 'kdnet', not of 'baseline'"),
+         "method.kd_temperature: an option of methods 'mtcmkd' and 'kdnet' and 'mdsd', not of "
+         "'baseline'"),
         ({"name": "kdnet", "barlow_pool": 4}, "method.barlow_pool: an option of method 'barlow'"),
         ({"name": "barlow", "preset": "paper"}, "method.preset: an option of method 'mtcmkd'"),
         ({"name": 3}, "method.name: expected a string, got 3"),

@@ -35,7 +35,7 @@ from mtcmkd.engine.run_folder import PREEMPTED_MARKER, check_run_folder
 from mtcmkd.engine.state import LoopState
 from mtcmkd.engine.trainer import train, train_step
 from mtcmkd.engine.validation import Validator, mean_dice, plateau_step
-from mtcmkd.methods import MethodOutput
+from mtcmkd.methods import MethodOutput, build_method
 from mtcmkd.preprocessing import preprocess
 from mtcmkd.student_weights import load_student
 
@@ -147,6 +147,35 @@ def test_loop_state_round_trips_through_the_checkpoint_client_state() -> None:
     assert back == state
     back.next_epoch()
     assert (back.epoch, back.micro_in_epoch, back.epoch_stats, back.step) == (4, 0, {}, 17)
+
+
+def test_mid_epoch_resume_keeps_the_statistics_of_a_checkpoint_from_before_dice_tally() -> None:
+    """A checkpoint's epoch_stats as earlier versions wrote them (keys spelled by hand) merge
+    with the steps after a mid-epoch resume, and the method's end_epoch reads the sum."""
+    method = build_method(_cfg(None, "method.name=mtcmkd"), ("t1", "t1ce", "t2", "flair"))
+    networks = [f"teacher/{m}" for m in method.teacher_modalities] + ["student"]
+    old: dict[str, torch.Tensor] = {}
+    for who in networks:  # the spelling of the code before DiceTally
+        stem, _, name = who.partition("/")
+        suffix = f"/{name}" if name else ""
+        for region in ("wt", "tc"):
+            old[f"{stem}_{region}_dice_sum{suffix}"] = torch.tensor(1.5, dtype=torch.float64)
+            old[f"{stem}_{region}_dice_count{suffix}"] = torch.tensor(2.0, dtype=torch.float64)
+    client = LoopState(micro_in_epoch=3, step=3, epoch_stats=old).to_client()
+    state = LoopState.from_client(client)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 4, 16, 16, 16, generator=gen),
+             "label": torch.randint(0, 4, (2, 16, 16, 16), generator=gen)}
+    _, _, step_stats = method.compute_terms(batch, 0)
+    state.add_stats(step_stats)
+    assert set(state.epoch_stats) == set(old)  # the same keys: nothing spelled differently
+    logs = method.end_epoch(state.epoch_stats)
+    flair = (1.5 + step_stats["teacher_wt_dice_sum/flair"].item()) / (
+        2.0 + step_stats["teacher_wt_dice_count/flair"].item())
+    assert logs["teacher_wt_dice/flair"] == pytest.approx(flair)
+    student = (1.5 + step_stats["student_tc_dice_sum"].item()) / (
+        2.0 + step_stats["student_tc_dice_count"].item())
+    assert logs["student_tc_dice"] == pytest.approx(student)
 
 
 class FakeEngine:

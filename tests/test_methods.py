@@ -34,6 +34,7 @@ from mtcmkd.methods import (
     METHODS,
     MTCMKD,
     BarlowKD,
+    DiceTally,
     KDNet,
     Method,
     MethodOutput,
@@ -140,7 +141,8 @@ def test_param_groups_partition_the_parameters(name: str) -> None:
     method = build_method(make_cfg(name), CH)
     groups = group_ids(method)
     assert "student" in groups
-    assert {id(p) for p in method.student_network().parameters()} == groups["student"]
+    # The trained student network (mdsd deploys a fold of it: tests/test_mdsd.py).
+    assert {id(p) for p in method.student.parameters()} == groups["student"]
     union = set().union(*groups.values())
     assert sum(len(g) for g in groups.values()) == len(union)  # disjoint
     assert union == {id(p) for p in method.parameters()}  # complete
@@ -272,7 +274,7 @@ def test_dice_stats_hand_computed() -> None:
     pred[0, :1, :2, :2] = 3  # WT 4 voxels inside, TC 4 voxels (1 overlapping)
     pred[2, 3, 3, :2] = 2  # 2 false-positive WT voxels, no TC
     logits = torch.nn.functional.one_hot(pred, 4).movedim(-1, 1).float()
-    stats = dice_stats("teacher/flair", logits, truth, "softmax")
+    stats = dice_stats("teacher", logits, truth, "softmax", modality="flair")
     assert stats["teacher_wt_dice_sum/flair"].item() == pytest.approx(2 * 4 / (8 + 4))
     assert stats["teacher_wt_dice_count/flair"].item() == 2  # sample 1 skipped
     assert stats["teacher_tc_dice_sum/flair"].item() == pytest.approx(2 * 1 / (1 + 4))
@@ -295,16 +297,82 @@ def test_dice_stats_slice2d_is_the_authors_slice_dice() -> None:
     pred[0, 3, 0, 0] = 2  # slice 3: one false positive -> 0; slices 1, 2 empty -> 1
     # sample 1: empty truth and prediction -> every slice 1, and it is counted
     logits = torch.nn.functional.one_hot(pred, 4).movedim(-1, 1).float()
-    stats = dice_stats("teacher/t2", logits, truth, "softmax", "slice2d")
+    stats = dice_stats("teacher", logits, truth, "softmax", "slice2d", modality="t2")
     first = (2 * 2 / 6 + 1 + 1 + 0) / 4
     assert stats["teacher_wt_dice_sum/t2"].item() == pytest.approx(first + 1.0)
     assert stats["teacher_wt_dice_count/t2"].item() == 2
     legacy = slice_dice_legacy((pred[0] > 0).numpy(), (truth[0] > 0).numpy(), axis=0)
     assert legacy == pytest.approx(first)
     # The 3D reading of the same batch differs: 2*2/(4+3) on sample 0, sample 1 skipped.
-    patch = dice_stats("teacher/t2", logits, truth, "softmax")
+    patch = dice_stats("teacher", logits, truth, "softmax", modality="t2")
     assert patch["teacher_wt_dice_sum/t2"].item() == pytest.approx(4 / 7)
     assert patch["teacher_wt_dice_count/t2"].item() == 1
+
+
+@pytest.mark.parametrize(("tally", "part", "key"), [
+    (DiceTally("student", "wt"), "sum", "student_wt_dice_sum"),
+    (DiceTally("student", "tc"), "count", "student_tc_dice_count"),
+    (DiceTally("teacher", "wt"), "count", "teacher_wt_dice_count"),
+    (DiceTally("teacher", "tc", "flair"), "sum", "teacher_tc_dice_sum/flair"),
+    (DiceTally("teacher", "wt", "t1ce"), "count", "teacher_wt_dice_count/t1ce"),
+    (DiceTally("teacher_x", "tc", "t1"), "sum", "teacher_x_tc_dice_sum/t1"),  # "_" in a name
+])
+def test_dice_tally_keys_are_the_stored_strings_and_read_back(tally, part, key) -> None:
+    """The stats keys are in every checkpoint's epoch_stats: byte-identical to the strings
+    written before DiceTally existed, and parse() is their inverse."""
+    assert tally.key(part) == key
+    assert DiceTally.parse(key) == (tally, part)
+
+
+def test_dice_tally_log_keys_and_refusals() -> None:
+    assert DiceTally("student", "wt").log_key == "student_wt_dice"
+    assert DiceTally("teacher", "tc").log_key == "teacher_tc_dice"
+    assert DiceTally("teacher", "wt", "flair").log_key == "teacher_wt_dice/flair"
+    for key in ("student/seg", "alpha/flair", "student_wt_dice", "student_et_dice_sum",
+                "student_wt_dice_sum/", "teacher_wt_dice_sum/a/b", "_wt_dice_sum"):
+        with pytest.raises(ValueError, match="not a Dice tally key"):
+            DiceTally.parse(key)
+    with pytest.raises(ValueError, match="without '/'"):
+        DiceTally("teacher/flair", "wt")  # the old "who" spelling would not read back
+    with pytest.raises(ValueError, match="region"):
+        DiceTally("student", "et")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="part"):
+        DiceTally("student", "wt").key("mean")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "networks"), [
+    ("baseline", [("student", "")]),
+    ("kdnet", [("teacher", ""), ("student", "")]),
+    ("barlow", [("teacher", ""), ("student", "")]),
+    ("mtcmkd", [("teacher", "flair"), ("teacher", "t2"), ("teacher", "t1"), ("student", "")]),
+])
+def test_each_method_writes_and_logs_todays_stat_strings(name, networks) -> None:
+    """Pinned strings: a step's stats keys (checkpoints' epoch_stats) and end_epoch's log keys
+    (log.jsonl), in order, for every built-in method."""
+    method = build_method(make_cfg(name), CH)
+    _, _, stats = method.compute_terms(blob_batch(), 0)
+    expected = []
+    for network, mod in networks:
+        suffix = f"/{mod}" if mod else ""
+        expected += [f"{network}_{r}_dice_{p}{suffix}" for r in ("wt", "tc")
+                     for p in ("sum", "count")]
+    assert list(stats) == expected
+    logs = method.end_epoch(stats)
+    student = ["student_wt_dice", "student_tc_dice"]
+    if name == "baseline":
+        assert list(logs) == student
+    elif name == "mtcmkd":
+        assert list(logs) == student + [
+            k for m in ("flair", "t2", "t1")
+            for k in (f"teacher_wt_dice/{m}", f"teacher_tc_dice/{m}", f"alpha/{m}")]
+    else:
+        assert list(logs) == student + ["teacher_wt_dice", "teacher_tc_dice"]
+    for key in stats:  # every key reads back as one of this method's tallies
+        tally, _ = DiceTally.parse(key)
+        assert (tally.network, tally.modality) in networks
+        assert logs[tally.log_key] == pytest.approx(
+            stats[tally.key("sum")].item() / stats[tally.key("count")].item()
+            if stats[tally.key("count")].item() > 0 else 1.0)
 
 
 def test_paper_preset_measures_teachers_with_slice_dice() -> None:

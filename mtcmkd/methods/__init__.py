@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         MTCMKD,
         BarlowKD,
         Baseline,
+        DiceTally,
         KDNet,
         Method,
         MethodOutput,
@@ -53,6 +54,7 @@ __all__ = [
     "BarlowOptions",
     "Baseline",
     "BaselineOptions",
+    "DiceTally",
     "KDNet",
     "KDNetOptions",
     "MTCMKDOptions",
@@ -71,7 +73,7 @@ __all__ = [
 ]
 
 _TORCH_SIDE = frozenset({
-    "METHODS", "MTCMKD", "BarlowKD", "Baseline", "KDNet", "Method", "MethodOutput",
+    "METHODS", "MTCMKD", "BarlowKD", "Baseline", "DiceTally", "KDNet", "Method", "MethodOutput",
     "build_method", "dice_stats", "epoch_dice", "region_kd_kl",
 })
 

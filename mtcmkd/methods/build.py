@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from mtcmkd.config import RunConfig
 from mtcmkd.losses import region_kd_kl
 from mtcmkd.methods.barlow import BarlowKD
-from mtcmkd.methods.base import Method, MethodOutput, dice_stats, epoch_dice
+from mtcmkd.methods.base import DiceTally, Method, MethodOutput, dice_stats, epoch_dice
 from mtcmkd.methods.baseline import Baseline
 from mtcmkd.methods.kdnet import KDNet
+from mtcmkd.methods.mdsd import MDSD
 from mtcmkd.methods.mtcmkd import MTCMKD
 from mtcmkd.methods.registry import method_class, registered_classes
 
@@ -20,7 +21,9 @@ __all__ = [
     "MTCMKD",
     "BarlowKD",
     "Baseline",
+    "DiceTally",
     "KDNet",
+    "MDSD",
     "Method",
     "MethodOutput",
     "build_method",

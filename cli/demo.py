@@ -17,7 +17,7 @@ fail = failer("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist or be "
                                                             "empty).")] = Path("demo_out"),
-    cases: Annotated[int, typer.Option(help="Phantom cases (a quarter are held out).")] = 12,
+    cases: Annotated[int, typer.Option(help="Phantom cases (a fifth are held out as the test set, the rest split in folds).")] = 12,
     shape: Annotated[tuple[int, int, int], typer.Option(
         help="Phantom volume shape (X Y Z); BraTS is 240 240 155.")] = (64, 64, 48),
     ranks: Annotated[int, typer.Option(help="DeepSpeed data-parallel ranks (CPU processes).")
@@ -31,9 +31,9 @@ def demo(
     """Run the main job end to end on the embedded phantom (about 10 min on 2 CPU cores).
 
     Steps: synth (BraTS 2021 layout) -> preprocess (Zarr) -> store-info -> MTCM-KD training with
-    DeepSpeed on RANKS CPU processes (torchrun) -> evaluate on the held-out fold (BraTS rules,
+    DeepSpeed on RANKS CPU processes (torchrun) -> evaluate on the store's test cases (BraTS rules,
     overlay PNGs) -> report (curves) -> export torchscript --verify -> the exported file on one
-    held-out case from Python and from the C++ client. Each step prints the command it runs;
+    test case from Python and from the C++ client. Each step prints the command it runs;
     a final table and OUT/demo_summary.json give times and results.
     """
     if cases < 4:

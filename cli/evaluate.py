@@ -1,4 +1,4 @@
-"""`mtcmkd evaluate`: BraTS scores of a run's held-out cases, or of any tool's predictions."""
+"""`mtcmkd evaluate`: BraTS scores of a run's test cases, or of any tool's predictions."""
 
 from __future__ import annotations
 
@@ -27,11 +27,15 @@ def evaluate(
         help="Release whose rules (2023+: also lesion-wise) and label values apply: 2018, 2019, "
              "2020, 2021, 2023 (and later), msd. Required.")] = None,
     run: Annotated[Path | None, typer.Option(
-        help="Run folder: predict and score the held-out cases of its fold.")] = None,
+        help="Run folder: predict and score its held-out cases (--split: the test set by "
+             "default).")] = None,
     store: Annotated[Path | None, typer.Option(
         help="With --run: the Zarr store (default: the run config's data.store).")] = None,
     split: Annotated[str, typer.Option(
-        help="With --run: val (the run's held-out fold) or all (every labelled case).")] = "val",
+        help="With --run: test (the store's test set, which the run never saw), validation "
+             "(its validation fold, which selected the model: optimistic, and labelled so; "
+             "'val' also accepted) or all (every labelled case, training cases included).")
+    ] = "test",
     pred: Annotated[Path | None, typer.Option(
         help="Folder of <case_id>.nii.gz predictions (any tool, the release's label values).")
     ] = None,
@@ -69,7 +73,7 @@ def evaluate(
     """Score segmentations by the BraTS rules in native space: per case and region (WT, TC,
     ET) Dice, HD95 (mm), sensitivity, specificity; lesion-wise Dice/HD95 for 2023+.
 
-    Either --run RUN_DIR (predict the store's held-out cases, uncropped to the original grid) or
+    Either --run RUN_DIR (predict its test cases, uncropped to the original grid) or
     --pred PRED_DIR --gt RAW_DIR (score existing files). Writes metrics.json and metrics.csv
     and prints the means next to published reference numbers.
     """
@@ -94,7 +98,7 @@ def evaluate(
     if pred is not None and gt is None:
         fail("--pred needs --gt RAW_DIR (the ground truth in the release's layout)")
     unpredicted: list[str] = []
-    if run is None and (store is not None or split != "val" or allow_changed_store):
+    if run is None and (store is not None or split != "test" or allow_changed_store):
         fail("--store, --split and --allow-changed-store go with --run")
     if missing not in MISSING_POLICIES:
         fail(f"--missing {missing!r}: expected one of {', '.join(MISSING_POLICIES)}")
@@ -135,7 +139,8 @@ def evaluate(
                 "mode": "run", "run": str(run), "model": str(inputs.student_path),
                 "config_hash": inputs.bundle.meta.get("config_hash"),
                 "channels": list(inputs.bundle.channels), "store": str(inputs.store),
-                "fold": inputs.fold, "split": split, "mirror": mirror, "overlap": overlap,
+                "fold": inputs.fold, "split": inputs.split, "split_note": inputs.split_note,
+                "mirror": mirror, "overlap": overlap,
                 "space": "native (store crops put back on the original grid)",
                 "split_recorded": inputs.split_recorded, "store_check": inputs.store_check,
                 "notes": inputs.notes,
@@ -172,6 +177,7 @@ def evaluate(
         fail(str(exc))
 
     json_path, csv_path = write_metrics(evaluation, out_dir)
+    _print_split(evaluation)
     _print_tables(evaluation)
     console.print(f"wrote {json_path} and {csv_path}", soft_wrap=True)
     if unpredicted:
@@ -184,6 +190,20 @@ def evaluate(
         err_console.print("[yellow]warning:[/] the store changed since training "
                           "(--allow-changed-store); see source.store_check in metrics.json",
                           soft_wrap=True)
+
+
+def _print_split(evaluation: Evaluation) -> None:
+    """Which of the run's splits the scores are of; a warning when it is not the test set."""
+    split, note = evaluation.source.get("split"), evaluation.source.get("split_note")
+    if split is None:
+        return  # prediction files: no run, no split
+    n = len(evaluation.cases)
+    if note:
+        console.print(f"[bold yellow]split: {split}[/] ({n} cases): {escape(note)}",
+                      soft_wrap=True)
+    else:
+        console.print(f"split: {split} ({n} cases the run never trained or validated on)",
+                      soft_wrap=True)
 
 
 def _pct(value: float) -> str:

@@ -29,7 +29,13 @@ def preprocess(
         help="Number of cross-validation folds; default: the store's, else 5 (fewer for fewer "
              "labelled cases). A value other than the store's re-deals every case.")] = None,
     seed: Annotated[int | None, typer.Option(
-        help="Seed of the fold split; default: the store's, else 0.")] = None,
+        help="Seed of the test set and fold split; default: the store's, else 0.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(
+        "--test-fraction",
+        help="Share of the labelled cases held out as the test set (never trained or validated "
+             "on; what `evaluate --run` scores), in [0, 1); 0 holds out none. Default: the "
+             "store's, else 0.2 (at least 1 case from 5 labelled cases on, none below). A value "
+             "other than the store's re-deals the test set.")] = None,
     dtype: Annotated[str, typer.Option(help="Image dtype in the store: float16 or float32.")] = (
         "float16"),
     chunk: Annotated[int, typer.Option(help="Edge of the cubic inner chunks (voxels).")] = 64,
@@ -57,6 +63,8 @@ def preprocess(
         fail(f"--workers must be >= 1 (got {workers})")
     if chunk < 8:
         fail(f"--chunk must be >= 8 (got {chunk})")
+    if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+        fail(f"--test-fraction must be in [0, 1) (got {test_fraction}); 0 holds out no test set")
     if report is not None and report.is_dir():
         fail(f"{report}: --report is a folder; give a file path")
     from mtcmkd.preprocessing import DatasetError
@@ -85,7 +93,7 @@ def preprocess(
     try:
         with progress:
             rep = run_preprocess(raw, store, year=year, workers=workers, n_folds=folds, seed=seed,
-                                 image_dtype=dtype, chunk=chunk, codec=codec, labels=labels,
+                                 test_fraction=test_fraction, image_dtype=dtype, chunk=chunk, codec=codec, labels=labels,
                                  wait=wait, on_wait=on_wait, on_start=on_start,
                                  on_result=on_result)
     except (DatasetError, ValueError) as exc:
@@ -100,6 +108,7 @@ def preprocess(
     for cid, why in rep.incomplete.items():
         done = "removed (not in RAW)" if cid in rep.removed else "re-converted"
         console.print(f"[yellow]incomplete[/] {cid}: {why}; {done}", soft_wrap=True)
+    print_test(rep.test)
     print_folds(rep.folds)
     table = Table(title=f"mtcmkd preprocess -> {store}")
     for col in ("converted", "repaired", "skipped", "failed", "releases", "seconds", "s/case"):
@@ -152,3 +161,30 @@ def print_folds(folds: dict) -> None:
                       soft_wrap=True)
     if folds.get("note"):
         console.print(f"[yellow]note[/]: {escape(folds['note'])}", soft_wrap=True)
+
+
+def print_test(test: dict) -> None:
+    """Say how big the test set is, and when cases changed role (runs trained before differ)."""
+    if not test:
+        return
+    moved = test.get("from_folds") or []
+    trained = (f"; {len(moved)} of them had a fold, so runs trained on this store before may "
+               "have trained on them" if moved else "")
+    if test.get("folds_redealt"):
+        trained += "; the folds are dealt anew over the other cases"
+    if test.get("redealt_from"):
+        old = test["redealt_from"]
+        console.print(f"[yellow]test set re-dealt[/]: the store held out {old['fraction']:g} "
+                      f"(seed {old['seed']}), this run asked for {test['fraction']:g} (seed "
+                      f"{test['seed']}): {test['n_test']} test case(s){trained}", soft_wrap=True)
+    elif test.get("created"):
+        console.print(f"[yellow]test set created[/]: the store had none; {test['n_test']} "
+                      f"labelled case(s) ({test['fraction']:g}) held out as the test set"
+                      f"{trained}", soft_wrap=True)
+    elif test["n_test"]:
+        added = (f", {len(test['dealt'])} new" if test.get("kept") and test.get("dealt") else "")
+        console.print(f"test set: {test['n_test']} labelled case(s) held out "
+                      f"({test['fraction']:g}{added}); no run trains or validates on them",
+                      soft_wrap=True)
+    if test.get("note"):
+        console.print(f"[yellow]note[/]: {escape(test['note'])}", soft_wrap=True)

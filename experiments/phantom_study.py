@@ -20,7 +20,9 @@ Equal budget: every student takes the same number of optimiser steps on the same
 step (``--epochs`` x ``--iters``, batch ``--batch``). KD-Net's two stages run back to back, so its
 teacher gets that budget first and its student the same budget after (twice the epochs).
 Validation runs once, after the last epoch, so the scored weights are the final ones (no model
-selection on the scored fold).
+selection on the scored fold). That is why this study, unlike the default, scores the validation
+fold (``--split validation``) and preprocesses without a test set (``--test-fraction 0``): its
+store and numbers stay those of docs/RESULTS.md.
 
 Resumable: a run with ``summary.json`` and ``eval/metrics.json`` is not redone.
 
@@ -119,7 +121,8 @@ def run_variant(args: argparse.Namespace, variant: str, seed: int, threads: int)
     if not metrics.is_file():
         with log.open("a") as fh:
             subprocess.run([sys.executable, "-m", "mtcmkd", "evaluate", "--year", "2021",
-                            "--run", str(run_dir), "--overlap", "0.5", "--device", "cpu"],
+                            "--run", str(run_dir), "--split", "validation",
+                            "--overlap", "0.5", "--device", "cpu"],
                            check=True, stdout=fh, stderr=subprocess.STDOUT, env=env)
     result = json.loads(metrics.read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -154,7 +157,8 @@ def prepare_data(args: argparse.Namespace) -> None:
                         "--seed", str(args.data_seed)], check=True)
     if not store.is_dir():
         subprocess.run([sys.executable, "-m", "mtcmkd", "preprocess", str(raw), str(store),
-                        "--workers", str(args.jobs), "--folds", str(args.folds)], check=True)
+                        "--workers", str(args.jobs), "--folds", str(args.folds),
+                        "--test-fraction", "0"], check=True)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

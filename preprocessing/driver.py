@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +40,12 @@ LOCK_NAME = ".lock"
 STAGING_NAME = ".staging"
 DEFAULT_FOLDS = 5
 DEFAULT_SEED = 0
+#: Share of the labelled cases held out as the test set when neither the run nor the store says.
+DEFAULT_TEST_FRACTION = 0.2
+#: With fewer labelled cases no test set is held out: the folds need the cases more.
+MIN_CASES_FOR_TEST = 5
+#: Second entropy word of the test deal's generator, so it is not the folds' shuffle replayed.
+_TEST_STREAM = 1
 #: What `preprocess` itself puts at a store's root (anything else makes a folder foreign).
 _OWN_ENTRIES = frozenset({"zarr.json", "cases", LOCK_NAME, STAGING_NAME, REPORT_NAME})
 
@@ -57,8 +64,10 @@ class PreprocessReport:
     not_taken: list[NotTaken] = field(default_factory=list)
     #: incomplete cases found in the store at the start (removed; re-converted when in RAW)
     incomplete: dict[str, str] = field(default_factory=dict)
-    #: how the folds were decided: see `FoldSummary`
+    #: how the folds were decided (`finalise_store`)
     folds: dict = field(default_factory=dict)
+    #: how the test set was decided (`finalise_store`)
+    test: dict = field(default_factory=dict)
 
     @property
     def failed(self) -> list[CaseResult]:
@@ -90,6 +99,7 @@ class PreprocessReport:
                                  for cid, why in self.incomplete.items()],
             "removed_incomplete": self.removed,
             "folds": self.folds,
+            "test": self.test,
             "not_taken": [e.to_json() for e in self.not_taken],
             "cases": [asdict(r) for r in self.results],
         }
@@ -126,6 +136,45 @@ def stable_fold_assignment(case_ids: Iterable[str], n_folds: int, seed: int,
         out[new[j]] = fold
         sizes[fold] += 1
     return dict(sorted(out.items()))
+
+
+def held_out_count(n_labelled: int, fraction: float) -> int:
+    """How many of `n_labelled` cases a new test set holds for the share `fraction`.
+
+    `fraction * n_labelled` rounded half up, at least 1 and at most `n_labelled - 2` (two cases
+    stay for the folds). 0 when `fraction` is 0 or fewer than `MIN_CASES_FOR_TEST` cases are
+    labelled: a store that small is a smoke test, and every case is needed to train.
+    """
+    if fraction <= 0 or n_labelled < MIN_CASES_FOR_TEST:
+        return 0
+    return min(max(1, math.floor(fraction * n_labelled + 0.5)), n_labelled - 2)
+
+
+def stable_test_cases(case_ids: Iterable[str], fraction: float, seed: int,
+                      previous_test: Collection[str] | None,
+                      previous_cases: Collection[str] = ()) -> list[str]:
+    """The test set: cases of `previous_test` stay in it, new cases fill it up to the target.
+
+    A new store (`previous_test` None): sort the ids, shuffle them with `seed` (a stream of its
+    own, not the folds' shuffle) and take the first `held_out_count` of them. Otherwise the
+    cases of `previous_test` still in `case_ids` stay test cases, the cases of
+    `previous_cases` (every labelled case the store held before) keep their place in the
+    folds, and the new ones, in the order of a `seed` shuffle of their sorted ids, go to the
+    test set until it holds `held_out_count` cases of all of `case_ids` (fewer when too few
+    new cases came), the rest to the folds. `previous_test` must come from the same
+    `fraction` and `seed`.
+
+    Returns:
+        The test case ids, sorted.
+    """
+    ids = sorted(set(case_ids))
+    target = held_out_count(len(ids), fraction)
+    kept = set(previous_test or ()) & set(ids)
+    before = set(previous_cases) | kept if previous_test is not None else set()
+    new = [c for c in ids if c not in before]
+    order = np.random.default_rng([seed, _TEST_STREAM]).permutation(len(new))
+    taken = [new[j] for j in order[:max(0, target - len(kept))]]
+    return sorted(kept | set(taken))
 
 
 def _worker_init() -> None:
@@ -288,43 +337,83 @@ def _repair(store: Path) -> dict[str, str]:
 
 
 def finalise_store(store: Path, n_folds: int | None, seed: int | None, image_dtype: str,
-                   previous: Mapping | None = None) -> tuple[dict, dict]:
+                   previous: Mapping | None = None, test_fraction: float | None = None,
+                   ) -> tuple[dict, dict, dict]:
     """Recompute the root attributes from the finished cases (no timestamps: reproducible).
 
-    Folds are stable: with the `n_folds` and `seed` the store records in `previous` (the root
-    attributes before this run), every case keeps its fold and new cases are dealt to the
-    smallest folds (`stable_fold_assignment`). Other values re-deal every case. None takes
-    the recorded value, else the default (`min(5, labelled cases)`, at least 2; seed 0).
+    The test set is decided first (`stable_test_cases`), then the folds over the other labelled
+    cases. Both are stable: with the `test_fraction`, `n_folds` and `seed` the store records in
+    `previous` (the root attributes before this run), every case keeps its role and fold, and
+    new cases fill the test set up to its share, then the smallest folds. Another fraction or
+    seed re-deals the test set, and then the folds too, from scratch (as a new store would
+    deal them); another `n_folds` re-deals the folds. None takes the recorded value, else the
+    default (test fraction 0.2; `min(5, fold cases)` folds, at least 2; seed 0). A store
+    written before test sets existed records no fraction: it gets a test set (and new folds)
+    unless `test_fraction` is 0.
 
     Returns:
-        The root attributes written, and a summary of the fold decision for the report.
+        The root attributes written, and summaries of the fold and of the test decision.
     """
     root = zarr.open_group(str(store), mode="r+")
     cases_dir = store / "cases"
     bad = incomplete_cases(store)
     ids = sorted(p.name for p in cases_dir.iterdir() if p.is_dir() and p.name not in bad)
     labelled = [cid for cid in ids if (cases_dir / cid / "label" / "zarr.json").is_file()]
-    old = (previous or {}).get("folds") or {}
+    previous = previous or {}
+    old = previous.get("folds") or {}
     old_assignment = old.get("assignment") if isinstance(old.get("assignment"), dict) else {}
     had_folds = bool(old_assignment) and {"n_folds", "seed"} <= set(old)
-    if n_folds is None:
-        n_folds = int(old["n_folds"]) if had_folds else max(2, min(DEFAULT_FOLDS, len(labelled)))
     if seed is None:
         seed = int(old["seed"]) if had_folds else DEFAULT_SEED
+
+    old_test, old_fraction = previous.get("test_cases"), previous.get("test_fraction")
+    had_test = isinstance(old_test, list) and isinstance(old_fraction, (int, float))
+    old_seed = int(old["seed"]) if "seed" in old else None
+    if test_fraction is None:
+        test_fraction = float(old_fraction) if had_test else DEFAULT_TEST_FRACTION
+    same_test = had_test and (float(old_fraction), old_seed) == (test_fraction, seed)
+    before = [str(c) for c in previous.get("labelled_cases") or []]
+    test = stable_test_cases(labelled, test_fraction, seed,
+                             [str(c) for c in old_test] if same_test else None, before)
+    kept_test = [c for c in test if same_test and c in old_test]
+    test_summary: dict = {
+        "fraction": test_fraction, "seed": seed, "n_test": len(test),
+        "kept": len(kept_test),
+        "dealt": sorted(c for c in test if c not in kept_test),
+        # the cases a run trained on this store before may have seen: they now score it
+        "from_folds": sorted(c for c in test if c in old_assignment and c not in kept_test),
+        "redealt_from": ({"fraction": float(old_fraction), "seed": old_seed}
+                         if had_test and not same_test else None),
+        "created": bool(before) and not had_test and bool(test),
+        "note": (f"{len(labelled)} labelled cases: fewer than {MIN_CASES_FOR_TEST}, so no test "
+                 "set is held out; `mtcmkd evaluate --run` then needs --split validation"
+                 if test_fraction > 0 and 0 < len(labelled) < MIN_CASES_FOR_TEST and not test
+                 else None),
+    }
+
+    # A test set dealt anew (another fraction or seed, or a store that had none) deals the folds
+    # anew too: keeping them would leave holes where cases left for the test set, and runs of
+    # the old folds no longer match the store anyway (its fingerprint changed).
+    test_redealt = (had_test and not same_test) or (not had_test and bool(before) and bool(test))
+    test_summary["folds_redealt"] = test_redealt and had_folds
+    in_folds = [c for c in labelled if c not in set(test)]
+    if n_folds is None:
+        n_folds = int(old["n_folds"]) if had_folds else max(2, min(DEFAULT_FOLDS, len(in_folds)))
     same = had_folds and (int(old["n_folds"]), int(old["seed"])) == (n_folds, seed)
-    assignment = stable_fold_assignment(labelled, n_folds, seed,
-                                        old_assignment if same else None)
-    kept = [c for c in labelled if same and c in old_assignment]
+    keep = same and not test_redealt
+    assignment = stable_fold_assignment(in_folds, n_folds, seed,
+                                        old_assignment if keep else None)
+    kept = [c for c in in_folds if keep and c in old_assignment]
     summary: dict = {
         "n_folds": n_folds, "seed": seed,
         "kept": len(kept),
-        "dealt": sorted(c for c in labelled if c not in kept),
+        "dealt": sorted(c for c in in_folds if c not in kept),
         "redealt_from": ({"n_folds": int(old["n_folds"]), "seed": int(old["seed"])}
                          if had_folds and not same else None),
-        "note": (f"{len(labelled)} labelled case(s): the store cannot be split into folds for "
-                 "training (needs at least 2)" if len(labelled) < 2 and labelled
-                 else f"{len(labelled)} labelled cases for {n_folds} folds: some folds are "
-                 "empty" if 2 <= len(labelled) < n_folds else None),
+        "note": (f"{len(in_folds)} labelled case(s): the store cannot be split into folds for "
+                 "training (needs at least 2)" if len(in_folds) < 2 and in_folds
+                 else f"{len(in_folds)} labelled cases for {n_folds} folds: some folds are "
+                 "empty" if 2 <= len(in_folds) < n_folds else None),
     }
     attrs = {
         "format": STORE_FORMAT,
@@ -336,10 +425,13 @@ def finalise_store(store: Path, n_folds: int | None, seed: int | None, image_dty
         "labelled_cases": labelled,
         # sorted: the same folds give the same bytes, however they were decided
         "folds": {"n_folds": n_folds, "seed": seed, "assignment": dict(sorted(assignment.items()))},
+        # held out of every fold: never trained or validated on, scored by `evaluate --run`
+        "test_cases": test,
+        "test_fraction": test_fraction,
         "image_dtype": image_dtype,
     }
     root.attrs.put(attrs)  # replace, not merge: keys of an older format must not linger
-    return attrs, summary
+    return attrs, summary, test_summary
 
 
 def _resolve_labels(cases: list[CaseSource], labels: str) -> bool:
@@ -352,9 +444,12 @@ def _resolve_labels(cases: list[CaseSource], labels: str) -> bool:
 
 
 def _check_options(n_folds: int | None, image_dtype: str, chunk: int, codec: str, labels: str,
-                   workers: int) -> None:
+                   workers: int, test_fraction: float | None = None) -> None:
     if n_folds is not None and n_folds < 2:
         raise DatasetError(f"--folds must be >= 2 (got {n_folds})")
+    if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+        raise DatasetError(f"--test-fraction must be in [0, 1) (got {test_fraction}); 0 holds "
+                           "out no test set")
     if image_dtype not in ("float16", "float32"):
         raise DatasetError(f"--dtype must be float16 or float32 (got {image_dtype})")
     if codec not in ("lz4", "zstd"):
@@ -368,27 +463,42 @@ def _check_options(n_folds: int | None, image_dtype: str, chunk: int, codec: str
 
 
 def _check_folds(n_folds: int | None, raw: Path, store: Path, cases: list[CaseSource],
-                 existing: Mapping | None) -> None:
-    """Refuse `--folds` larger than the labelled cases the store will hold (before writing)."""
+                 existing: Mapping | None, test_fraction: float | None = None) -> None:
+    """Refuse `--folds` larger than the labelled cases the folds will hold (before writing).
+
+    The folds get the labelled cases less the test set; its size is estimated as a new store
+    would deal it (`held_out_count`), with the store's recorded fraction when none is given.
+    """
     if n_folds is None:
         return
     labelled = {c.case_id for c in cases if c.problem is None and c.has_seg}
     if existing:
         labelled |= {str(c) for c in existing.get("labelled_cases") or []}
-    if n_folds <= len(labelled):
+    if test_fraction is None:
+        recorded = (existing or {}).get("test_fraction")
+        test_fraction = (float(recorded) if isinstance(recorded, (int, float))
+                         else DEFAULT_TEST_FRACTION)
+    n_test = held_out_count(len(labelled), test_fraction)
+    in_folds = len(labelled) - n_test
+    if n_folds <= in_folds:
         return
     where = f"{raw} and {store}" if existing else str(raw)
     if len(labelled) < 2:
         raise DatasetError(f"{store}: --folds {n_folds} but only {len(labelled)} labelled "
                            f"case(s) in {where}: fewer than 2 labelled cases cannot be split "
                            "into folds (omit --folds to convert them anyway)")
+    if n_test:
+        raise DatasetError(f"{store}: --folds {n_folds} is more than the {in_folds} labelled "
+                           f"cases left for the folds in {where} ({n_test} of {len(labelled)} "
+                           f"held out as the test set, --test-fraction {test_fraction:g}); use "
+                           f"--folds {in_folds} or fewer, or a smaller --test-fraction")
     raise DatasetError(f"{store}: --folds {n_folds} is more than the {len(labelled)} labelled "
                        f"cases in {where}; use --folds {len(labelled)} or fewer")
 
 
 def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int = 1,
                n_folds: int | None = None, seed: int | None = None,
-               image_dtype: str = "float16", chunk: int = 64, codec: str = "lz4",
+               test_fraction: float | None = None, image_dtype: str = "float16", chunk: int = 64, codec: str = "lz4",
                labels: str = "auto", wait: bool = False,
                on_wait: Callable[[int | None], None] | None = None,
                on_start: Callable[[int], None] | None = None,
@@ -405,6 +515,9 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
         n_folds, seed: the fold split; None keeps what the store records (else 5 folds, or
             fewer for a store with fewer labelled cases, and seed 0). Folds are stable: cases
             already in the store keep their fold unless `n_folds`/`seed` change.
+        test_fraction: share of the labelled cases held out as the test set, in [0, 1) (0:
+            none); None keeps what the store records, else 0.2. Stable like the folds: test
+            cases stay test cases unless the fraction or `seed` changes (`stable_test_cases`).
         wait: wait for another run holding the store's lock instead of refusing.
         on_wait: called with the other run's pid before waiting.
 
@@ -412,7 +525,7 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
         DatasetError: an option is invalid, `raw` holds no BraTS case, `store` is not usable
             (all checked before anything is written), or the store is locked (StoreLockedError).
     """
-    _check_options(n_folds, image_dtype, chunk, codec, labels, workers)
+    _check_options(n_folds, image_dtype, chunk, codec, labels, workers, test_fraction)
     start = time.perf_counter()
     raw, store = Path(raw), Path(store)
     scan = scan_raw(raw, year)
@@ -421,7 +534,7 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
         if case.problem is None and not is_valid_case_id(case.case_id):
             case.problem, case.problem_file = "case id has unsupported characters", case.folder
     labels_required = _resolve_labels(cases, labels)
-    _check_folds(n_folds, raw, store, cases, inspect_store(store))
+    _check_folds(n_folds, raw, store, cases, inspect_store(store), test_fraction)
     try:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -465,7 +578,8 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
                 for fut in as_completed(futures):
                     record(fut.result())
         report.results.sort(key=lambda r: r.case_id)
-        _, report.folds = finalise_store(store, n_folds, seed, image_dtype, previous)
+        _, report.folds, report.test = finalise_store(store, n_folds, seed, image_dtype,
+                                                      previous, test_fraction)
         shutil.rmtree(store / STAGING_NAME, ignore_errors=True)
         report.seconds = time.perf_counter() - start
         (store / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")

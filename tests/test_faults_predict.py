@@ -263,13 +263,13 @@ def test_evaluate_run_refuses_a_store_changed_since_training(env, tmp_path):
 
     # Before: rc 0, scoring the store's current fold 0, whatever it now holds.
     err = error_line(invoke("evaluate", "--year", "2021", "--run", run, "--store", store,
-                            "--out", tmp_path / "e"))
+                            "--split", "validation", "--out", tmp_path / "e"))
     assert "store changed since training" in err and "--allow-changed-store" in err
     assert all(case_id in err for case_id in added) and str(store) in err
     assert not (tmp_path / "e").exists()
 
     result = invoke("evaluate", "--year", "2021", "--run", run, "--store", store,
-                    "--out", tmp_path / "e", "--allow-changed-store")
+                    "--split", "validation", "--out", tmp_path / "e", "--allow-changed-store")
     assert result.exit_code == 0, result.output + result.stderr
     assert "store changed since training" in result.stderr
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -283,7 +283,8 @@ def test_evaluate_run_scores_the_recorded_validation_cases(env, tmp_path):
     val_now = split_cases(StoreInfo.read(env["store"]), 0)[1]
     chosen = [c for c in env["ids"] if c not in val_now][:1]
     run = recorded_run(env, tmp_path, env["store"], validation=chosen)
-    result = invoke("evaluate", "--year", "2021", "--run", run, "--out", tmp_path / "e")
+    result = invoke("evaluate", "--year", "2021", "--run", run, "--split", "validation",
+                    "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output + result.stderr
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert [c["case"] for c in metrics["cases"]] == chosen
@@ -293,7 +294,8 @@ def test_evaluate_run_scores_the_recorded_validation_cases(env, tmp_path):
 
 
 def test_evaluate_run_without_splits_json_says_so(env, tmp_path):
-    result = invoke("evaluate", "--year", "2021", "--run", env["run"], "--out", tmp_path / "e")
+    result = invoke("evaluate", "--year", "2021", "--run", env["run"], "--split", "validation",
+                    "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output + result.stderr
     notes = [ln for ln in result.stderr.splitlines() if ln.startswith("note:")]
     assert len(notes) == 1 and "split was not recorded" in notes[0]

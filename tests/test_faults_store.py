@@ -254,11 +254,12 @@ def test_adding_cases_keeps_every_fold(tmp_path):
     raw.mkdir()
     for cid in all_ids[:6]:
         shutil.copytree(more / cid, raw / cid)
-    preprocess(raw, store, n_folds=2, seed=0)
+    # no test set: every case is in a fold (the test set's own stability: tests/test_splits.py)
+    preprocess(raw, store, n_folds=2, seed=0, test_fraction=0.0)
     before = assigned_folds(store)
     for cid in all_ids[6:]:
         shutil.copytree(more / cid, raw / cid)
-    report = preprocess(raw, store)  # no --folds: the store's folds are kept
+    report = preprocess(raw, store)  # no --folds/--test-fraction: the store's are kept
     after = assigned_folds(store)
     assert {c: after[c] for c in before} == before
     assert sorted(np.bincount(list(after.values()))) == [4, 4]

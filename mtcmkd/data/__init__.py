@@ -1,7 +1,7 @@
 """The data stage: read the Zarr store, sample foreground-aware training patches, augment them.
 
-`store` owns the store format checks, its root attributes and the fold split; `patches` owns
-the patch sampler (`PatchDataset`) and the augmentation.
+`store` owns the store format checks, its root attributes, the fold split and the test set;
+`patches` owns the patch sampler (`PatchDataset`) and the augmentation.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from mtcmkd.data.store import (
     StoreFormatError,
     StoreInfo,
     check_store_complete,
+    held_out_test_ids,
     incomplete_cases,
     is_valid_case_id,
     open_store,
@@ -30,6 +31,7 @@ __all__ = [
     "augment_patch",
     "check_store_complete",
     "finish_batch",
+    "held_out_test_ids",
     "incomplete_cases",
     "is_valid_case_id",
     "open_store",

@@ -105,6 +105,9 @@ class StoreInfo:
         fold_seed: the seed the folds were dealt with (recorded for provenance).
         regions: region name -> canonical labels it contains, in store order
             (`{"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}`).
+        test_cases: the labelled cases held out as the test set, sorted: in no fold, never
+            trained or validated on. Empty for a store written before test sets existed
+            (no `test_cases` attribute) or preprocessed with `--test-fraction 0`.
     """
 
     channels: tuple[str, ...]
@@ -114,6 +117,7 @@ class StoreInfo:
     n_folds: int
     fold_seed: int
     regions: Mapping[str, tuple[int, ...]]
+    test_cases: tuple[str, ...] = ()
 
     @classmethod
     def from_group(cls, group: zarr.Group) -> StoreInfo:
@@ -135,15 +139,17 @@ class StoreInfo:
                 n_folds=int(folds["n_folds"]),
                 fold_seed=int(folds["seed"]),
                 regions={str(k): tuple(int(x) for x in v) for k, v in attrs["regions"].items()},
+                # absent in stores written before test sets existed: they have none
+                test_cases=tuple(sorted(str(c) for c in attrs.get("test_cases") or ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise StoreFormatError(
                 f"{where}: malformed root attributes ({type(err).__name__}: {err}); "
                 "see docs/STORE.md for the expected keys"
             ) from err
-        for key in ("cases", "labelled_cases"):
+        for key in ("cases", "labelled_cases", "test_cases"):
             # A string is iterable too: "cases": "abc" would read as three cases.
-            if not isinstance(attrs[key], list):
+            if key in attrs and not isinstance(attrs[key], list):
                 raise StoreFormatError(
                     f"{where}: malformed root attributes ({key} is a "
                     f"{type(attrs[key]).__name__}, not a list); see docs/STORE.md"
@@ -155,7 +161,14 @@ class StoreInfo:
                 f"{where}: invalid case id(s) in the root attributes: {bad[:3]!r} (expected "
                 "names like BraTS2021_00000); re-run `mtcmkd preprocess` into a new store"
             )
-        unassigned = [c for c in info.labelled_cases if c not in info.folds]
+        unlabelled_test = sorted(set(info.test_cases) - set(info.labelled_cases))
+        if unlabelled_test:
+            raise StoreFormatError(
+                f"{where}: test_cases that are not labelled cases: {unlabelled_test[:5]}; "
+                "see docs/STORE.md"
+            )
+        unassigned = [c for c in info.labelled_cases
+                      if c not in info.folds and c not in info.test_cases]
         if unassigned:
             raise StoreFormatError(
                 f"{where}: labelled cases without a fold in folds.assignment: {unassigned[:5]}"
@@ -177,7 +190,8 @@ def split_cases(info: StoreInfo, fold: int) -> tuple[list[str], list[str]]:
 
     Returns:
         `(train_ids, val_ids)`, both sorted: the validation ids are the labelled cases assigned
-        to `fold`, the training ids all other labelled cases. Unlabelled cases are in neither.
+        to `fold`, the training ids all other labelled cases. Unlabelled cases and the test
+        cases (`held_out_test_ids`) are in neither.
 
     Raises:
         ValueError: `fold` is out of range, or the split leaves either side empty (e.g. a store
@@ -185,8 +199,11 @@ def split_cases(info: StoreInfo, fold: int) -> tuple[list[str], list[str]]:
     """
     if not 0 <= fold < info.n_folds:
         raise ValueError(f"fold {fold} out of range: the store has {info.n_folds} folds")
-    val_ids = sorted(c for c in info.labelled_cases if info.folds[c] == fold)
-    train_ids = sorted(c for c in info.labelled_cases if info.folds[c] != fold)
+    test = set(info.test_cases)
+    # Test cases never carry a fold, but a hand-edited store might: they stay out regardless.
+    in_folds = [c for c in info.labelled_cases if c not in test]
+    val_ids = sorted(c for c in in_folds if info.folds[c] == fold)
+    train_ids = sorted(c for c in in_folds if info.folds[c] != fold)
     if not val_ids or not train_ids:
         raise ValueError(
             f"fold {fold} gives {len(train_ids)} training and {len(val_ids)} validation cases "
@@ -194,6 +211,13 @@ def split_cases(info: StoreInfo, fold: int) -> tuple[list[str], list[str]]:
             "both must be non-empty"
         )
     return train_ids, val_ids
+
+
+def held_out_test_ids(info: StoreInfo) -> list[str]:
+    """The store's test case ids, sorted: disjoint from every fold's training and validation
+    ids; empty for a store without a test set (written before test sets existed, or with
+    `--test-fraction 0`)."""
+    return sorted(info.test_cases)
 
 
 def incomplete_cases(path: str | Path) -> dict[str, str]:
@@ -274,18 +298,22 @@ def check_store_complete(path: str | Path) -> None:
 
 
 def store_fingerprint(path: str | Path) -> str:
-    """SHA-256 over what a trained model depends on: every case's attributes and the folds.
+    """SHA-256 over what a trained model depends on: every case's attributes, folds, test set.
 
     Two stores with the same fingerprint hold the same cases converted from the same source
-    files (the case attributes carry each source file's SHA-256) with the same fold
-    assignment. Adding, removing or re-converting a case, or re-dealing the folds, changes it.
-    Reads only `zarr.json` files.
+    files (the case attributes carry each source file's SHA-256) with the same fold and test
+    assignment. Adding, removing or re-converting a case, or re-dealing the folds or the test
+    set, changes it. An empty test set is not hashed, so a store written before test sets
+    existed keeps its fingerprint (and its runs stay valid) when re-preprocessed with
+    `--test-fraction 0`. Reads only `zarr.json` files.
     """
     path = Path(path)
     digest = hashlib.sha256()
     root_attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    digest.update(json.dumps({"cases": root_attrs.get("cases"),
-                              "folds": root_attrs.get("folds")}, sort_keys=True).encode())
+    split: dict[str, Any] = {"cases": root_attrs.get("cases"), "folds": root_attrs.get("folds")}
+    if root_attrs.get("test_cases"):
+        split["test_cases"] = root_attrs["test_cases"]
+    digest.update(json.dumps(split, sort_keys=True).encode())
     for cid in root_attrs.get("cases") or []:
         meta = path / "cases" / str(cid) / "zarr.json"
         attrs = json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else None

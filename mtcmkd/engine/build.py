@@ -141,7 +141,8 @@ def build_run(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: 
         out.mkdir(parents=True, exist_ok=True)
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)  # this attempt has not been preempted
         dump_config(cfg, out / "config.yaml")
-        write_splits(out, cfg.data.store, fingerprint, cfg.data.fold, train_ids, val_ids)
+        write_splits(out, cfg.data.store, fingerprint, cfg.data.fold, train_ids, val_ids,
+                     info.test_cases)
         atomic_write_text(out / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
     torch.distributed.barrier()
     log = RunLog(out, dist.is_main, tensorboard=t.tensorboard, echo=echo)
@@ -159,6 +160,9 @@ def build_run(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: 
 
 def check_training_store(store: str | Path, fold: int) -> tuple[StoreInfo, list[str], list[str]]:
     """The store's info and the fold's (train, validation) ids, or a one-line refusal.
+
+    The store's test cases are in neither list (`split_cases`): a run never trains on them, and
+    never selects its best model or steps its schedule on them.
 
     Checked before anything is built, so a bad store never fails after step 1: every case
     completely written (`check_store_complete`), the fold in range with cases on both sides,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from mtcmkd.engine.errors import TrainError
 #: warning. A launcher that kills the other ranks when the first one exits (srun
 #: --kill-on-bad-exit) may report another exit code than 3; slurm/train.sh trusts this file.
 PREEMPTED_MARKER = "PREEMPTED"
-#: The run's record of its data: the store (path and fingerprint) and the fold's case ids.
+#: The run's record of its data: the store (path and fingerprint) and the case ids of its
+#: train, validation and test splits.
 SPLITS_FILE = "splits.json"
 #: What a run writes into its folder; any of them means the folder belongs to a run.
 RUN_FILES: tuple[str, ...] = ("config.yaml", "ds_config.json", "log.jsonl", "student.pt",
@@ -114,20 +115,25 @@ def set_aside_attempt(out: Path, found: list[str], echo: Callable[[str], None]) 
 
 
 def write_splits(out: Path, store: str | Path, fingerprint: str, fold: int,
-                 train_ids: list[str], val_ids: list[str]) -> None:
+                 train_ids: list[str], val_ids: list[str],
+                 test_ids: Sequence[str] = ()) -> None:
     """`RUN/splits.json`: which store (absolute path, fingerprint) and cases the run used.
 
-    evaluate/predict compare it with the store they are given, so a model is never scored on
-    its own training cases by mistake.
+    `train` is what the run trained on, `validation` what selected its best model and drove
+    the plateau schedule, `test` the store's held-out test cases, which it never saw (empty for
+    a store without a test set). evaluate/predict compare it with the store they are given, so
+    a model is never scored on its own training cases by mistake; `evaluate --run` scores
+    `test` unless asked otherwise.
     """
     record = {"store": str(Path(store).resolve()), "store_fingerprint": fingerprint,
               "fold": int(fold), "train": list(train_ids), "validation": list(val_ids),
-              "test": []}
+              "test": sorted(test_ids)}
     atomic_write_text(Path(out) / SPLITS_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def check_same_store(out: Path, store: str | Path, fingerprint: str) -> None:
-    """On --resume: refuse when the store changed since the run started (cases, folds)."""
+    """On --resume: refuse when the store changed since the run started (cases, folds, test
+    set)."""
     path = Path(out) / SPLITS_FILE
     if not path.is_file():
         return  # a run from before splits.json: nothing to compare, it is written now
@@ -138,8 +144,9 @@ def check_same_store(out: Path, store: str | Path, fingerprint: str) -> None:
                          ) from None
     if recorded != fingerprint:
         raise TrainError(f"{store}: the store changed since the run started (fingerprint "
-                         f"{str(recorded)[:12]} in {path}, now {fingerprint[:12]}: cases or "
-                         "folds differ); resume with the original store or start a new run")
+                         f"{str(recorded)[:12]} in {path}, now {fingerprint[:12]}: cases, "
+                         "folds or test set differ); resume with the original store or start a "
+                         "new run")
 
 
 def run_summary_path(out: Path) -> Path:

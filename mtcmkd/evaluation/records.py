@@ -55,15 +55,25 @@ class Evaluation:
     def to_json(self) -> dict[str, Any]:
         """The metrics.json document.
 
-        Keys: ``year``, ``rules``, ``hd95_definition``, ``postprocessing``, ``source`` (what was
-        scored), ``cases`` (one record per case, see :func:`score_case_record`), ``mean``; plus
-        ``lesion_wise`` (sub-challenge and its parameters) for 2023+ and
-        ``legacy_slice_dice_note`` only when that metric was asked for.
+        Keys: ``year``, ``split`` (which of a run's splits was scored: "test", "validation" or
+        "all", from ``source``; None for prediction files, which belong to no run),
+        ``case_ids`` (exactly the cases scored, in order), ``rules``, ``hd95_definition``,
+        ``postprocessing``, ``source`` (what was scored), ``cases`` (one record per case, see
+        :func:`score_case_record`), ``mean``; plus ``split_note`` when the split is not an
+        honest estimate (the validation split selected the model), ``lesion_wise``
+        (sub-challenge and its parameters) for 2023+ and ``legacy_slice_dice_note`` only when
+        that metric was asked for.
         """
         relabelled = (sum(bool(c.get("et_relabelled")) for c in self.cases)
                       if self.settings.postprocess_et is not None else None)
         doc: dict[str, Any] = {
             "year": self.settings.year_value,
+            "split": self.source.get("split"),
+        }
+        if self.source.get("split_note"):
+            doc["split_note"] = self.source["split_note"]
+        doc |= {
+            "case_ids": [c["case"] for c in self.cases],
             "rules": self.settings.rules,
             "hd95_definition": self.settings.hd95_definition,
             "postprocessing": self.settings.postprocessing(relabelled),

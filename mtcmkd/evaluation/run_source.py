@@ -1,10 +1,12 @@
 """A run's held-out cases as the cases to score (`mtcmkd evaluate --run`).
 
-The cases are the run's recorded validation cases (``RUN/splits.json``, written by training),
-never recomputed from the store's folds, which change when cases are added; the store must be
-the one the run saw (its fingerprint is compared with the recorded one). Each case is predicted
-on the store's brain crop and put back on the original grid with its truth
-(:func:`store_scoring_cases`), so scores count every voxel of the source volume.
+The cases are one of the run's recorded splits (``RUN/splits.json``, written by training),
+never recomputed from the store, whose folds change when cases are added: by default its TEST
+cases, which the run never saw; its validation cases, which selected the model and are so
+scored optimistically, only when asked for. The store must be the one the run saw (its
+fingerprint is compared with the recorded one). Each case is predicted on the store's brain
+crop and put back on the original grid with its truth (:func:`store_scoring_cases`), so scores
+count every voxel of the source volume.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from mtcmkd.nifti_io import InputError
 from mtcmkd.student_weights import StudentBundle, load_student, resolve_student_path
 
 __all__ = [
+    "SPLITS",
     "SPLITS_FILE",
     "RecordedSplit",
     "RunEvaluationInputs",
+    "VALIDATION_NOTE",
+    "normalise_split",
     "read_recorded_split",
     "run_evaluation_inputs",
     "store_scoring_cases",
@@ -40,6 +45,11 @@ __all__ = [
 
 #: The file in which `mtcmkd train` records its split and the store it saw.
 SPLITS_FILE = "splits.json"
+#: What `evaluate --run --split` accepts, the default first; "val" is read as "validation".
+SPLITS = ("test", "validation", "all")
+#: Said on the console and in metrics.json whenever the validation split is scored.
+VALIDATION_NOTE = ("these cases selected the model (best checkpoint, plateau schedule): their "
+                   "scores are optimistic; the test split is the honest estimate")
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,9 @@ def _store_changes(recorded: RecordedSplit, info: StoreInfo) -> dict[str, Any]:
             held_out_now = []
         # The danger: cases the run trained on now sit in its held-out fold.
         changes["trained_on_now_held_out"] = sorted(set(held_out_now) & set(recorded.train))
+    # ...or in the store's test set (re-dealt since): scoring "test" anew would count them.
+    seen = set(recorded.train) | set(recorded.validation)
+    changes["seen_now_test"] = sorted((set(info.test_cases) - set(recorded.test)) & seen)
     return changes
 
 
@@ -112,7 +125,11 @@ def _describe_changes(changes: dict[str, Any], fold: int | None) -> str:
     if leaked:
         parts.append(f"fold {fold} now holds {len(leaked)} case(s) the run trained on "
                      f"({_shown(leaked)})")
-    if not changes["added"] and not changes["removed"] and not leaked:
+    seen = changes.get("seen_now_test") or []
+    if seen:
+        parts.append(f"the test set now holds {len(seen)} case(s) the run trained or validated "
+                     f"on ({_shown(seen)})")
+    if not changes["added"] and not changes["removed"] and not leaked and not seen:
         parts.append("cases re-converted or folds re-dealt")
     return ", ".join(parts)
 
@@ -122,8 +139,11 @@ class RunEvaluationInputs:
     """What `evaluate --run` scores: the run's student, its store and the chosen cases.
 
     Attributes:
-        split_recorded: the run has ``splits.json`` (its validation cases are the recorded
-            ones); False for older runs (the store's current fold is used).
+        split: which cases are scored: "test", "validation" or "all".
+        split_note: a warning to show with the scores (the validation split selected the
+            model; "all" includes training cases), or None for the test split.
+        split_recorded: the run has ``splits.json`` (its cases are the recorded ones); False
+            for older runs (the store's current fold is used).
         store_check: the fingerprint comparison, copied into metrics.json's ``source``.
         notes: one-line notes for the user (an unrecorded split, a changed store allowed).
     """
@@ -133,38 +153,56 @@ class RunEvaluationInputs:
     store: Path
     fold: int
     case_ids: list[str]
+    split: str = "test"
+    split_note: str | None = None
     split_recorded: bool = False
     store_check: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str = "val", *,
+def normalise_split(split: str) -> str:
+    """`--split` as given -> one of `SPLITS` ("val", the spelling before test sets, is read as
+    "validation").
+
+    Raises:
+        EvaluationError: any other value.
+    """
+    split = "validation" if split == "val" else split
+    if split not in SPLITS:
+        raise EvaluationError(f"--split {split!r}: expected test, validation or all")
+    return split
+
+
+def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str = "test", *,
                           allow_changed_store: bool = False) -> RunEvaluationInputs:
     """Load a run's best (else last) student and pick the cases to score.
 
-    The cases of "val" are the run's recorded validation cases (``RUN/splits.json``, written
-    by training), never recomputed from the store's folds, which change when cases are added.
-    The store must be the one the run saw: its fingerprint is compared with the recorded one,
-    and a changed store is refused unless `allow_changed_store` (then the change is in
-    ``store_check`` and ``notes``). A run without ``splits.json`` (trained before runs recorded
-    their split) scores the store's current fold ``data.fold``, with a note saying so.
+    The cases of "test" and "validation" are the run's recorded ones (``RUN/splits.json``,
+    written by training), never recomputed from the store's folds, which change when cases
+    are added. The store must be the one the run saw: its fingerprint is compared with the
+    recorded one, and a changed store is refused unless `allow_changed_store` (then the change
+    is in ``store_check`` and ``notes``). A run without ``splits.json`` (trained before runs
+    recorded their split) has no test set; its "validation" is the store's current fold
+    ``data.fold``, with a note saying so.
 
     Args:
         run_dir: a run folder of `mtcmkd train` (config.yaml plus best_student.pt/student.pt).
         store: the Zarr store; default the run config's ``data.store`` (relative to the working
             directory, as in training), else the store recorded in ``splits.json``.
-        split: "val": the run's held-out cases; "all": every labelled case of the store
-            (training cases included: optimistic).
+        split: "test" (default): the store's held-out test cases, which the run never saw;
+            "validation" (or "val"): the run's validation fold, which selected the model
+            (optimistic, and labelled so); "all": every labelled case of the store (training
+            cases included: optimistic).
         allow_changed_store: score even when the store changed since training.
 
     Raises:
-        EvaluationError: missing or invalid run files or store, an unknown split, a store
-            without the student's modalities, a store changed since training (not allowed),
-            or recorded validation cases absent from the store (one line naming the file).
+        EvaluationError: missing or invalid run files or store, an unknown split, a run with
+            no test set asked for its test split, a store without the student's modalities, a
+            store changed since training (not allowed), or recorded cases absent from the
+            store (one line naming the file).
     """
     run_dir = Path(run_dir)
-    if split not in ("val", "all"):
-        raise EvaluationError(f"--split {split!r}: expected val or all")
+    split = normalise_split(split)
     if not run_dir.is_dir():
         raise InputError(run_dir, "not a run folder of `mtcmkd train`" if run_dir.exists()
                          else "no such run folder")
@@ -189,6 +227,15 @@ def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str =
     if missing:
         raise InputError(store_path, f"the store has no {', '.join(missing)} channel "
                                      f"(has {', '.join(info.channels)})")
+    if split == "test" and (recorded is None or not recorded.test):
+        # Only the run's own record counts: the store's current test cases may have been in
+        # a fold when the run trained (a store re-preprocessed since).
+        why = (f"no {SPLITS_FILE} (the run predates recorded splits)" if recorded is None
+               else f"{recorded.path} records none (its store was preprocessed without one: "
+                    "written before test sets existed, or with --test-fraction 0)")
+        raise InputError(run_dir, f"the run has no test set: {why}. Re-run `mtcmkd preprocess "
+                                  "RAW STORE --test-fraction 0.2` and train again, or pass --split validation to score the cases that "
+                                  "selected the model (optimistic, labelled as such)")
 
     notes: list[str] = []
     fold = cfg.data.fold
@@ -210,22 +257,23 @@ def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str =
             changes = _store_changes(recorded, info)
             what = (f"store changed since training (its fingerprint differs from the one in "
                     f"{recorded.path}): {_describe_changes(changes, recorded.fold)}")
+            scored = ("every labelled case" if split == "all"
+                      else f"the run's recorded {split} cases")
             if not allow_changed_store:
                 raise InputError(store_path, f"{what}; scores could count training cases as "
-                                             "held out. Pass --allow-changed-store to score "
-                                             "the run's recorded validation cases anyway")
+                                             f"held out. Pass --allow-changed-store to score "
+                                             f"{scored} anyway")
             store_check.update(changes, allowed=True)
-            notes.append(f"{store_path}: {what}; scoring the run's recorded validation cases "
-                         "(--allow-changed-store)")
+            notes.append(f"{store_path}: {what}; scoring {scored} (--allow-changed-store)")
 
     if split == "all":
         case_ids = list(info.labelled_cases)
     elif recorded is not None:
-        case_ids = list(recorded.validation)
+        case_ids = list(recorded.test if split == "test" else recorded.validation)
         absent = [c for c in case_ids if c not in set(info.labelled_cases)]
         if absent:
             raise InputError(store_path, f"{len(absent)} of the run's {len(case_ids)} recorded "
-                                         f"validation case(s) are not labelled cases of the "
+                                         f"{split} case(s) are not labelled cases of the "
                                          f"store ({_shown(absent)}); they cannot be scored")
     else:
         try:
@@ -234,9 +282,12 @@ def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str =
             raise InputError(store_path, str(exc)) from None
     if not case_ids:
         raise InputError(store_path, "no labelled case to evaluate")
-    return RunEvaluationInputs(bundle, student_path, store_path, fold, case_ids,
-                               split_recorded=recorded is not None, store_check=store_check,
-                               notes=notes)
+    split_note = {"test": None, "validation": VALIDATION_NOTE,
+                  "all": "every labelled case, the run's training cases included: its scores "
+                         "are optimistic"}[split]
+    return RunEvaluationInputs(bundle, student_path, store_path, fold, case_ids, split=split,
+                               split_note=split_note, split_recorded=recorded is not None,
+                               store_check=store_check, notes=notes)
 
 
 def store_scoring_cases(bundle: StudentBundle, store: Path, case_ids: Sequence[str], *,
@@ -260,7 +311,7 @@ def store_scoring_cases(bundle: StudentBundle, store: Path, case_ids: Sequence[s
         attrs = group.attrs
         bbox, shape = attrs["crop_bbox"], attrs["original_shape"]
         image = np.asarray(group["image"][index], dtype=np.float32)
-        result = predict_volume(bundle.network, image, bundle.patch_size, bundle.n_out,
+        result = predict_volume(bundle.network, image, bundle.patch_size, bundle.n_classes,
                                 bundle.output, overlap=overlap, mirror=mirror, normalize=False,
                                 device=device)
         yield ScoringCase(

@@ -13,7 +13,7 @@ from rich.table import Table
 from mtcmkd.brats import REGIONS
 from mtcmkd.compare import CompareError, compare
 
-from .console import console, failer
+from .console import console, err_console, failer
 
 fail = failer("compare")
 
@@ -55,6 +55,12 @@ def compare_cmd(
         result = compare(_paths(a), _paths(b), metric=metric, regions=regions, margin=margin, seed=seed)
     except CompareError as err:
         fail(str(err))
+    scored = {result["splits"]["a"][0], result["splits"]["b"][0]} if all(
+        len(v) == 1 for v in result["splits"].values()) else {"mixed"}
+    if "validation" in scored or "mixed" in scored or len(scored) > 1:
+        err_console.print(f"note: the sides were scored on split(s) A {result['splits']['a']}, "
+                          f"B {result['splits']['b']}; only a test split that selected neither "
+                          "model gives an unbiased comparison", soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -100,6 +100,15 @@ def load_case_values(path: Path, metric: str) -> dict[str, dict[str, float]]:
     return values
 
 
+def split_of(path: Path) -> str | None:
+    """The split a metrics.json says it scored (`test`, `validation`, `all`), or None."""
+    try:
+        split = json.loads(path.read_text()).get("split")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if split is None else str(split)
+
+
 def seed_average(paths: Sequence[Path], metric: str) -> dict[str, dict[str, float]]:
     """Per case and region, the mean over several metrics.json files (seeds) of one model."""
     per_seed = [(p, load_case_values(p, metric)) for p in paths]
@@ -219,6 +228,8 @@ def compare(a_paths: Sequence[Path], b_paths: Sequence[Path], *, metric: str = "
         "confidence": CONFIDENCE,
         "bootstrap_resamples": N_BOOTSTRAP,
         "margin": margin,
+        "splits": {"a": sorted({str(split_of(p)) for p in a_files}),
+                   "b": sorted({str(split_of(p)) for p in b_files})},
         "regions": [asdict(r) for r in rows],
         "per_case": per_case,
     }

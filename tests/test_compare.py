@@ -130,3 +130,20 @@ def test_cli_table_json_and_error(tmp_path: Path) -> None:
     res = runner.invoke(app, ["compare", str(a), str(other)])
     assert res.exit_code == 2
     assert "only in B: only_here" in res.output
+
+
+def test_validation_split_is_noted(tmp_path: Path) -> None:
+    values = {c: dict.fromkeys(REGIONS, 0.5) for c in ("x", "y")}
+    a = write_metrics(tmp_path / "a.json", values)
+    doc = json.loads(a.read_text())
+    doc["split"] = "validation"
+    a.write_text(json.dumps(doc))
+    b = write_metrics(tmp_path / "b.json", values)
+    doc = json.loads(b.read_text())
+    doc["split"] = "test"
+    b.write_text(json.dumps(doc))
+    assert compare([a], [b])["splits"] == {"a": ["validation"], "b": ["test"]}
+    res = CliRunner().invoke(app, ["compare", str(a), str(b)])
+    assert res.exit_code == 0
+    assert "note: the sides were scored on split(s)" in res.output
+

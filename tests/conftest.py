@@ -62,3 +62,24 @@ def tree_digest(root: Path) -> dict[str, bytes]:
     """Relative path -> bytes of every file under `root` (for identical-content checks)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
+
+
+def forget_deepspeed_groups() -> None:
+    """Drop the process groups DeepSpeed caches at module level (tests only).
+
+    `mtcmkd train` runs once per process, but the in-process tests (tests/test_engine.py,
+    tests/test_mdsd.py) create and destroy a gloo group per module: DeepSpeed would otherwise hand
+    the next engine the world group of a destroyed process group ("Group ... is not registered").
+    """
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+    groups._MODEL_PARALLEL_GROUP = None
+    groups._TENSOR_MODEL_PARALLEL_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+                  groups._ALL_TO_ALL_GROUP):
+        cache.clear()
+

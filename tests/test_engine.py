@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_raw
+from conftest import forget_deepspeed_groups, write_raw
 
 from mtcmkd.config import config_hash, dump_config, load_config
 from mtcmkd.engine import checkpoint as ckpt
@@ -325,9 +325,11 @@ def one_rank():
     saved = {k: os.environ.get(k) for k in LAUNCH_ENV}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+    forget_deepspeed_groups()
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
+    forget_deepspeed_groups()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

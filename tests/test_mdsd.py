@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import typer
-from conftest import write_raw
+from conftest import forget_deepspeed_groups, write_raw
 from typer.testing import CliRunner
 
 from mtcmkd.config import (
@@ -428,6 +428,7 @@ def one_rank_store(tmp_path_factory) -> Iterator[Path]:
                       MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
     fresh = not torch.distributed.is_initialized()
     if fresh:
+        forget_deepspeed_groups()
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     yield tmp / "store"
@@ -435,6 +436,7 @@ def one_rank_store(tmp_path_factory) -> Iterator[Path]:
         signal.signal(sig, handler)
     if fresh:
         torch.distributed.destroy_process_group()
+        forget_deepspeed_groups()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

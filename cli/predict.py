@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mtcmkd.messages import first_line
+
 from .console import console, err_console, failer
 
 fail = failer("predict")
@@ -137,7 +139,7 @@ def predict(
                 failures.append(CaseFailure(item.case_id, exc.path, exc.reason))
             except (OSError, ValueError) as exc:  # e.g. OUTPUT/<case>.nii.gz is a folder
                 failures.append(CaseFailure(item.case_id, output / f"{item.case_id}.nii.gz",
-                                            _one_line(exc)))
+                                            first_line(exc)))
             else:
                 counts = [int(((result.labels >= 1) & (result.labels <= 3)).sum()),
                           int(((result.labels == 1) | (result.labels == 3)).sum()),
@@ -190,11 +192,6 @@ REPORT_NAME = "predict_report.json"
 MAX_NOT_TAKEN_LINES = 20
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _print_failure(failure: CaseFailure) -> None:
     err_console.print(f"[red]failed[/] {escape(failure.case_id)}: {escape(str(failure))}",
                       soft_wrap=True)
@@ -209,7 +206,7 @@ def _write_report(output: Path, report: dict) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     except OSError as exc:
-        fail(f"{path}: cannot write the report ({_one_line(exc)})")
+        fail(f"{path}: cannot write the report ({first_line(exc)})")
     return path
 
 

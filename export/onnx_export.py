@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mtcmkd.atomic import atomic_output
+from mtcmkd.messages import first_line
 
 from .onnx_norms import onnx_friendly_norms
 from .patch_network import (
@@ -103,7 +104,7 @@ def export_onnx(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         onnx_program = torch.onnx.export(program, dynamo=True, input_names=["image"],
                                          output_names=["logits"])
     except Exception as exc:  # the exporter raises many error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ExportError(f"{source}: ONNX conversion failed ({first})") from None
     if onnx_program is None:
         raise ExportError(f"{source}: ONNX conversion returned nothing")

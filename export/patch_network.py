@@ -24,6 +24,7 @@ import torch
 from mtcmkd import __version__
 from mtcmkd.atomic import atomic_output
 from mtcmkd.integrity import WEIGHTS_DIGEST_KEY, warn_unverified, weights_digest
+from mtcmkd.messages import first_line
 from mtcmkd.student_weights import StudentBundle
 
 from .source import ExportError, VerificationError, frozen_network, load_export_source
@@ -108,7 +109,7 @@ def export_patch_program(bundle: StudentBundle, network: torch.nn.Module | None 
     try:
         return torch.export.export(network, (example,), dynamic_shapes=(dynamic,))
     except Exception as exc:  # torch.export raises many error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ExportError(f"the student network does not export with torch.export ({first})"
                           ) from None
 

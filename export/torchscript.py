@@ -48,6 +48,7 @@ from mtcmkd.inference import (
     to_release_labels,
 )
 from mtcmkd.integrity import WEIGHTS_DIGEST_KEY, warn_unverified, weights_digest
+from mtcmkd.messages import first_line
 from mtcmkd.student_weights import StudentBundle, resolve_student_path
 
 from .source import ExportError, frozen_network, load_export_source
@@ -300,7 +301,7 @@ def export_torchscript(source: str | os.PathLike[str], out: str | os.PathLike[st
         with _quiet_jit():
             scripted = torch.jit.script(module)
     except Exception as exc:  # TorchScript front-end errors have many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ExportError(f"{source}: the student network does not compile with TorchScript "
                           f"({first})") from None
     out = Path(out)
@@ -328,7 +329,7 @@ def load_exported(path: str | os.PathLike[str]) -> tuple[torch.jit.ScriptModule,
         with _quiet_jit():
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        first = first_line(exc, "unreadable")
         raise ExportError(f"{path}: not a TorchScript file ({first})") from None
     raw = extra[METADATA_FILE]
     text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from mtcmkd.messages import first_line
+
 __all__ = [
     "CheckpointError",
     "WEIGHTS_DIGEST_KEY",
@@ -138,11 +140,11 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"{path}: refused to load: the file holds objects other than "
                               f"weights and plain values (tampered or foreign file?): {first}"
                               ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
             zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"{path}: unreadable checkpoint file ({first})") from None

@@ -24,6 +24,7 @@ import numpy as np
 
 from mtcmkd import nifti_header
 from mtcmkd.atomic import atomic_output
+from mtcmkd.messages import first_line
 
 __all__ = [
     "AFFINE_ATOL_MM",
@@ -181,7 +182,7 @@ def read_shape(path: Path) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in nib.load(os.fspath(path)).shape)
     except Exception as exc:  # nibabel raises many types for garbage
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise InputError(path, f"not a readable NIfTI file ({reason})") from None
 
 

@@ -30,6 +30,7 @@ from mtcmkd.integrity import (
     warn_unverified,
     weights_digest,
 )
+from mtcmkd.messages import first_line
 from mtcmkd.models import build_network
 
 FORMAT = "mtcmkd-student"
@@ -113,7 +114,7 @@ def load_student(path: Path) -> StudentBundle:
     try:
         net.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         raise ValueError(f"{path}: weights do not fit the student network of its config "
                          f"({first})") from None
     net.eval()

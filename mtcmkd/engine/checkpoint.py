@@ -29,6 +29,7 @@ from mtcmkd.atomic import atomic_write_text
 # CheckpointError and safe_torch_load live in mtcmkd.integrity (every reader of a weights file
 # needs them, so they sit below the engine); importing them from here keeps working.
 from mtcmkd.integrity import CheckpointError, file_sha256, safe_torch_load
+from mtcmkd.messages import first_line
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -100,7 +101,7 @@ def read_complete(ckpt_dir: Path, tag: str) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"{path}: unreadable COMPLETE file ({first}); resume from an "
                               "earlier checkpoint by removing this step folder") from None
     if not isinstance(meta, dict) or "config_hash" not in meta:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,4 +85,37 @@ def forget_deepspeed_groups() -> None:
                   groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
                   groups._ALL_TO_ALL_GROUP):
         cache.clear()
+
+
+#: What a launcher sets for `mtcmkd train`; the in-process fixtures set and restore these.
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
+@contextlib.contextmanager
+def gloo_world_of_one() -> Iterator[None]:
+    """A gloo process group of world size 1 in this process, as `mtcmkd train` without a
+    launcher sets it up; the launch environment, the group and DeepSpeed's cached groups are
+    restored afterwards. A group that already exists is used and left in place."""
+    import torch
+
+    from mtcmkd.engine.dist import free_port
+
+    saved = {k: os.environ.get(k) for k in LAUNCH_ENV}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+    fresh = not torch.distributed.is_initialized()
+    if fresh:
+        forget_deepspeed_groups()
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if fresh:
+            torch.distributed.destroy_process_group()
+            forget_deepspeed_groups()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import forget_deepspeed_groups, write_raw
+from conftest import gloo_world_of_one, write_raw
 
 from mtcmkd.config import config_hash, dump_config, load_config
 from mtcmkd.engine import checkpoint as ckpt
@@ -28,7 +28,6 @@ from mtcmkd.engine.build import (
     resolve_precision,
 )
 from mtcmkd.engine.checkpointer import Preemption
-from mtcmkd.engine.dist import free_port
 from mtcmkd.engine.errors import TrainError
 from mtcmkd.engine.meter import PHASES, Meter, RunLog, learning_rates
 from mtcmkd.engine.run_folder import PREEMPTED_MARKER, check_run_folder
@@ -306,7 +305,6 @@ def test_run_folder_checks_refuse_before_anything_is_built(tmp_path: Path) -> No
 
 # ---- the loop on one gloo rank -------------------------------------------------------------
 
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
 
 
 @pytest.fixture(scope="module")
@@ -320,21 +318,9 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """A gloo process group of world size 1 in this process, as `mtcmkd train` without a
-    launcher sets it up; the environment and the group are restored afterwards."""
-    saved = {k: os.environ.get(k) for k in LAUNCH_ENV}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
-    forget_deepspeed_groups()
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-    forget_deepspeed_groups()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """A gloo process group of world size 1 in this process (conftest.gloo_world_of_one)."""
+    with gloo_world_of_one():
+        yield
 
 
 @pytest.fixture

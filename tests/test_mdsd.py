@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import typer
-from conftest import forget_deepspeed_groups, write_raw
+from conftest import gloo_world_of_one, write_raw
 from typer.testing import CliRunner
 
 from mtcmkd.config import (
@@ -410,38 +410,22 @@ def test_a_short_training_lowers_the_loss_and_the_student_file_round_trips(tmp_p
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
 
 
 @pytest.fixture(scope="module")
 def one_rank_store(tmp_path_factory) -> Iterator[Path]:
     """A 4-case store and a gloo group of world size 1 in this process (as tests/test_engine.py);
     the environment and the group are restored afterwards."""
-    from mtcmkd.engine.dist import free_port
     from mtcmkd.preprocessing import preprocess
 
     tmp = tmp_path_factory.mktemp("mdsd")
     write_raw(tmp / "raw", "2021", n=4, shape=(24, 28, 20))
     assert not preprocess(tmp / "raw", tmp / "store", n_folds=2).failed
-    saved = {k: os.environ.get(k) for k in LAUNCH_ENV}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
-    fresh = not torch.distributed.is_initialized()
-    if fresh:
-        forget_deepspeed_groups()
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    yield tmp / "store"
+    with gloo_world_of_one():
+        yield tmp / "store"
     for sig, handler in saved_signals.items():
         signal.signal(sig, handler)
-    if fresh:
-        torch.distributed.destroy_process_group()
-        forget_deepspeed_groups()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.integration

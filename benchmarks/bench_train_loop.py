@@ -37,7 +37,10 @@ def train_once(store: Path, run: Path, args: argparse.Namespace, workers: int) -
            "--set", "train.epochs=1", "--set", f"train.iters_per_epoch={args.steps}",
            "--set", "train.val_every=1000", "--set", "train.ckpt_every=1000",
            "--set", "train.log_every=1", "--set", f"data.num_workers={workers}",
-           "--set", "method.kd_start_epoch=0"]
+           ]
+    method = yaml.safe_load(Path(args.config).read_text()).get("method", {}).get("name")
+    if method == "mtcmkd":  # KD from the first step, so every measured step has every term
+        cmd += ["--set", "method.kd_start_epoch=0"]
     if args.widths:
         cmd += ["--set", "model.widths=[" + ",".join(map(str, args.widths)) + "]"]
     for o in args.overrides:

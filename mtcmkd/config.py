@@ -205,7 +205,8 @@ class MethodConfig(Section):
     """
 
     _path: ClassVar[str] = "method"
-    _COMMON: ClassVar[tuple[str, ...]] = ("name", "student_modalities", "teacher_modalities")
+    _COMMON: ClassVar[tuple[str, ...]] = ("name", "student_modalities", "teacher_modalities",
+                                          "teachers_from")
 
     name: str
     """A registered method: baseline (the student alone), mtcmkd (3 unimodal teachers + CDSFL
@@ -218,6 +219,13 @@ class MethodConfig(Section):
     """mtcmkd: one unimodal teacher per entry (default: the other modalities in the order
     flair, t2, t1, t1ce); kdnet/barlow: the input channels of the one multimodal teacher
     (default all four); baseline: must stay null."""
+    teachers_from: str | None = None
+    """Offline teachers: a finished run folder whose converged teachers this run loads, frozen,
+    instead of training its own (methods with teachers only). A teacher is taken from the
+    source's network of the same name, or from the student of a source run whose student
+    modalities are exactly the teacher's (e.g. a T1ce baseline run as a T1ce teacher). The
+    source must share this run's store, and must not have trained on this run's validation or
+    test cases. ``null``: the teachers train in this run (online), as each method publishes."""
     options: MethodOptions = None  # type: ignore[assignment]  # filled in __post_init__
     """The chosen method's options (its options class, e.g. ``MTCMKDOptions``); ``None`` or a
     mapping on construction: the method's defaults, or built from the mapping."""
@@ -278,7 +286,10 @@ class MethodConfig(Section):
     def to_flat(self) -> dict[str, Any]:
         """The flat mapping a file holds under ``method:`` (the v1 layout, see
         :func:`_flat_layout_v1`): name, modalities, then the options."""
-        data: dict[str, Any] = {key: getattr(self, key) for key in self._COMMON}
+        # teachers_from is written only when set, so the hash of every run without it (every
+        # run before it existed) stays what it was.
+        data: dict[str, Any] = {key: getattr(self, key) for key in self._COMMON
+                                if key != "teachers_from" or self.teachers_from is not None}
         data.update(_FLAT_LAYOUT_V1)
         data.update({f.name: getattr(self.options, f.name)
                      for f in dataclasses.fields(self.options)})
@@ -316,7 +327,17 @@ class MethodConfig(Section):
         teachers = self.effective_teacher_modalities
         if options.has_teachers:
             self._require(len(teachers) >= 1, "teacher_modalities", "needs at least 1")
-        options.check_modalities(self.student_modalities, teachers)
+        if self.teachers_from is not None:
+            if not (options.has_teachers and options.separate_teachers):
+                what = ("has no teachers" if not options.has_teachers
+                        else "has no separate teacher networks to load")
+                raise ConfigError(
+                    f"{self._key('teachers_from')}: {self.name} {what}; leave it null "
+                    f"(got {fmt(self.teachers_from)})")
+            self._require(isinstance(self.teachers_from, str) and self.teachers_from.strip(),
+                          "teachers_from", "must be a run folder (a non-empty path) or null")
+        options.check_modalities(self.student_modalities, teachers,
+                                 offline=self.teachers_from is not None)
 
 
 def _foreign_key_error(name: str, key: str, value: Any, own: tuple[str, ...]) -> ConfigError:

@@ -43,6 +43,8 @@ from mtcmkd.engine.run_folder import (
     write_splits,
 )
 from mtcmkd.engine.state import LoopState
+from mtcmkd.engine.teachers import load_offline_teachers
+from mtcmkd.engine.teachers import write_record as write_teachers_record
 from mtcmkd.engine.validation import Validator
 from mtcmkd.methods import Method, build_method
 
@@ -122,7 +124,13 @@ def build_run(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: 
                            fg_fraction=cfg.data.fg_fraction, seed=t.seed, rank=dist.rank,
                            world_size=dist.world_size, augment=cfg.data.augment,
                            defer_to_device=cfg.data.defer_to_device)
-    method = build_method(cfg, info.channels).to(dist.device)
+    method = build_method(cfg, info.channels)
+    teachers_record = None
+    if cfg.method.teachers_from is not None:
+        teachers_record = load_offline_teachers(
+            cfg, method, out=out, train_ids=train_ids, val_ids=val_ids,
+            test_ids=info.test_cases, resume=existing is not None, echo=echo)
+    method = method.to(dist.device)
     precision = resolve_precision(t.precision, dist.device)
     if memory_check:
         check_memory(cfg, method, precision, dist)
@@ -144,6 +152,8 @@ def build_run(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: 
         write_splits(out, cfg.data.store, fingerprint, cfg.data.fold, train_ids, val_ids,
                      info.test_cases)
         atomic_write_text(out / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
+        if teachers_record is not None:
+            write_teachers_record(out, teachers_record)
     torch.distributed.barrier()
     log = RunLog(out, dist.is_main, tensorboard=t.tensorboard, echo=echo)
     checkpointer = Checkpointer(engine, method, cfg, out, dist, echo)

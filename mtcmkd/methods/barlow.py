@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -77,18 +78,21 @@ class BarlowKD(OneTeacherMethod):
         image, labels = self._unpack(batch)
         target = target_labels(labels, self.output)
         target_half = downsample_labels(target, 2)
-        teacher = self.teacher.forward_features(take_channels(image, self._teacher_index))
+        online = not self.teachers_offline  # offline: a frozen teacher, only the student learns
+        with torch.set_grad_enabled(online and torch.is_grad_enabled()):
+            teacher = self.teacher.forward_features(take_channels(image, self._teacher_index))
         student = self.student.forward_features(self._student_input(image))
         z_teacher = bottleneck_embeddings(teacher["bottleneck"], m.barlow_pool)
         z_student = bottleneck_embeddings(student["bottleneck"], m.barlow_pool)
         barlow = barlow_twins_loss(z_teacher, z_student, lambda_offdiag=m.barlow_lambda_offdiag)
-        terms = {
-            "teacher/seg": self._seg(teacher["logits"], target),
-            "student/seg": self._seg(student["logits"], target),
-            "teacher/ds": m.ds_weight * self._ds_loss(teacher["ds_half"], target_half),
-            "student/ds": m.ds_weight * self._ds_loss(student["ds_half"], target_half),
-            "barlow/latent": (m.barlow_weight / self.embedding_dim) * barlow,
-        }
+        terms: dict[str, Tensor] = {}
+        if online:
+            terms["teacher/seg"] = self._seg(teacher["logits"], target)
+        terms["student/seg"] = self._seg(student["logits"], target)
+        if online:
+            terms["teacher/ds"] = m.ds_weight * self._ds_loss(teacher["ds_half"], target_half)
+        terms["student/ds"] = m.ds_weight * self._ds_loss(student["ds_half"], target_half)
+        terms["barlow/latent"] = (m.barlow_weight / self.embedding_dim) * barlow
         stats = dice_stats("teacher", teacher["logits"], labels, self.output)
         stats.update(dice_stats("student", student["logits"], labels, self.output))
         return terms, student["logits"], stats

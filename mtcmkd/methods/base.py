@@ -149,6 +149,49 @@ class Method(nn.Module, abc.ABC):
         self.output: str = cfg.model.output
         self.n_classes: int = cfg.model.n_classes
         self._student_index = self._channel_index(cfg.method.student_modalities, "student")
+        self._offline: frozenset[str] = frozenset()
+
+    # -- offline teachers (method.teachers_from)
+
+    def teacher_networks(self) -> dict[str, tuple[nn.Module, tuple[str, ...] | None]]:
+        """The networks ``method.teachers_from`` can load, by their name in ``state_dict()``
+        (``"teachers.flair"``, ``"cdsfl"``, ``"teacher"``): module and the modalities it sees,
+        ``None`` for a fusion module (which keeps training when the source has none to give).
+        The base has none."""
+        return {}
+
+    @property
+    def offline(self) -> frozenset[str]:
+        """Names of the :meth:`teacher_networks` loaded frozen from another run."""
+        return self._offline
+
+    @property
+    def teachers_offline(self) -> bool:
+        """True when the teachers (every named network with modalities) are loaded frozen:
+        the method then skips their losses and runs them under ``no_grad``."""
+        named = [n for n, (_, mods) in self.teacher_networks().items() if mods is not None]
+        return bool(named) and all(n in self._offline for n in named)
+
+    def freeze_offline(self, names: set[str] | frozenset[str]) -> None:
+        """Freeze the named teacher networks (weights loaded by the engine): no gradient, eval
+        mode from now on (kept by :meth:`train`), out of every optimiser group."""
+        networks = self.teacher_networks()
+        unknown = sorted(set(names) - set(networks))
+        if unknown:
+            raise ValueError(f"not a teacher network of {self.name}: {unknown[0]!r}")
+        for name in names:
+            module = networks[name][0]
+            module.requires_grad_(False)
+            module.eval()
+        self._offline = frozenset(names)
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        if self._offline:
+            networks = self.teacher_networks()
+            for name in self._offline:
+                networks[name][0].eval()
+        return self
 
     # -- construction helpers
 
@@ -288,6 +331,9 @@ class OneTeacherMethod(Method):
             "student": list(self.student.parameters()),
             "teachers": list(self.teacher.parameters()),
         }
+
+    def teacher_networks(self) -> dict[str, tuple[nn.Module, tuple[str, ...] | None]]:
+        return {"teacher": (self.teacher, self.teacher_modalities)}
 
     def _networks(self) -> dict[str, tuple[nn.Module, Sequence[str], str]]:
         """The ``networks`` argument of :meth:`Method._describe`."""

@@ -56,8 +56,9 @@ class KDNet(OneTeacherMethod):
         self.temperature: float = self.options.effective_kd_temperature
 
     def in_stage_one(self, epoch: int) -> bool:
-        """True while the teacher trains (epochs [0, kdnet_teacher_epochs))."""
-        return epoch < self.options.kdnet_teacher_epochs
+        """True while the teacher trains (epochs [0, kdnet_teacher_epochs)); never with an
+        offline teacher (``method.teachers_from``: stage 1 happened in the source run)."""
+        return not self.teachers_offline and epoch < self.options.kdnet_teacher_epochs
 
     def _set_teacher_frozen(self, frozen: bool) -> None:
         for p in self.teacher.parameters():
@@ -103,10 +104,11 @@ class KDNet(OneTeacherMethod):
 
     def describe(self) -> dict[str, Any]:
         m = self.options
-        k = m.kdnet_teacher_epochs
+        k = 0 if self.cfg.method.teachers_from is not None else m.kdnet_teacher_epochs
         stage2 = f">= {k}"
-        terms: list[tuple[str, float, str, str]] = [
-            ("teacher/gt", 1.0, f"< {k}", "stage 1: teacher Dice + BCE vs ground truth"),
+        terms: list[tuple[str, float, str, str]] = [] if k == 0 else [
+            ("teacher/gt", 1.0, f"< {k}", "stage 1: teacher Dice + BCE vs ground truth")]
+        terms += [
             ("student/kd", m.kdnet_lambda, stage2,
              f"stage 2: Dice + BCE vs teacher softmax(t/T), T={self.temperature:g}"),
             ("student/gt", 1.0 - m.kdnet_lambda, stage2, "stage 2: Dice + BCE vs ground truth"),

@@ -112,16 +112,24 @@ class MTCMKD(Method):
         target_half = downsample_labels(target, 2)
         terms: dict[str, Tensor] = {}
 
-        # Teachers + CDSFL: L_T.
+        # Teachers + CDSFL: L_T. Offline teachers (method.teachers_from) are frozen: forward
+        # only, no loss; CDSFL trains on their features unless it was loaded too.
+        online = not self.teachers_offline
         teacher_logits: dict[str, Tensor] = {}
         features: list[Tensor] = []
         for mod, net in self.teachers.items():
-            out = net.forward_features(take_channels(image, self._teacher_index[mod]))
+            with torch.set_grad_enabled(online and torch.is_grad_enabled()):
+                out = net.forward_features(take_channels(image, self._teacher_index[mod]))
             teacher_logits[mod] = out["logits"]
             features.append(out["features_half"])
-            terms[f"teacher_{mod}/seg"] = self._seg(out["logits"], target)
-        fused = self.cdsfl(features)
-        terms["cdsfl/seg"] = m.cdsfl_weight * self._seg(fused, target_half)
+            if online:
+                terms[f"teacher_{mod}/seg"] = self._seg(out["logits"], target)
+        if "cdsfl" in self.offline:
+            with torch.no_grad():
+                fused = self.cdsfl(features)
+        else:
+            fused = self.cdsfl(features)
+            terms["cdsfl/seg"] = m.cdsfl_weight * self._seg(fused, target_half)
 
         # Student: L_S, with every teacher-side tensor detached.
         student = self.student.forward_features(self._student_input(image))
@@ -176,6 +184,13 @@ class MTCMKD(Method):
             "teachers": list(self.teachers.parameters()) + list(self.cdsfl.parameters()),
         }
 
+    def teacher_networks(self) -> dict[str, tuple[nn.Module, tuple[str, ...] | None]]:
+        networks: dict[str, tuple[nn.Module, tuple[str, ...] | None]] = {
+            f"teachers.{mod}": (self.teachers[mod], (mod,)) for mod in self.teacher_modalities
+        }
+        networks["cdsfl"] = (self.cdsfl, None)
+        return networks
+
     def describe(self) -> dict[str, Any]:
         m = self.options
         k = m.kd_start_epoch
@@ -218,5 +233,10 @@ class MTCMKD(Method):
             "kd_total_weight": m.kd_total_weight,
             "performance_metric": m.performance_metric,
             "performance_dice": m.performance_dice,
+            "teachers_from": self.cfg.method.teachers_from,
         }
+        if self.cfg.method.teachers_from is not None:
+            # Offline: the teachers (and CDSFL when the source has one) are frozen, no L_T.
+            frozen = ("teacher_", "cdsfl/") if "cdsfl" in self.offline else ("teacher_",)
+            terms = [t for t in terms if not t[0].startswith(frozen)]
         return self._describe(networks, terms, settings)

@@ -32,12 +32,16 @@ class MethodOptions(Section):
         student_count: (fewest, most) student modalities; "most" >= 4 means "any number".
         has_teachers: False for a method without teachers (``teacher_modalities`` must stay
             null).
+        separate_teachers: True when the teachers are networks of their own, which can be
+            loaded frozen from another run (``method.teachers_from``); False for a method
+            whose "teacher" is the student's own pass (mdsd).
     """
 
     _path: ClassVar[str] = "method"  # flat under method: (method.kd_temperature, ...)
     name: ClassVar[str]
     student_count: ClassVar[tuple[int, int]] = (1, 1)
     has_teachers: ClassVar[bool] = True
+    separate_teachers: ClassVar[bool] = True
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -50,10 +54,12 @@ class MethodOptions(Section):
         del student
         return CHANNELS if self.has_teachers else ()
 
-    def check_modalities(self, student: tuple[str, ...], teachers: tuple[str, ...]) -> None:
+    def check_modalities(self, student: tuple[str, ...], teachers: tuple[str, ...], *,
+                         offline: bool = False) -> None:
         """Checks of the method on its (known, distinct) student and teacher modalities after
         defaults, beyond the counts; raise :class:`ConfigError` naming
-        ``method.<key>``. The base accepts anything."""
+        ``method.<key>``. ``offline``: the teachers come frozen from another run
+        (``method.teachers_from``). The base accepts anything."""
 
     def check_run(self, run: RunConfig) -> None:
         """Checks of the method against the other sections (model output, patch size,

@@ -44,7 +44,8 @@ class KDNetOptions(MethodOptions):
                 "model.output: kdnet's losses are defined on softmax classes (the teacher's "
                 "softmax soft targets); use 'softmax' with kdnet (got 'regions')"
             )
-        if self.kdnet_teacher_epochs >= run.train.epochs:
+        # Offline (method.teachers_from) there is no stage 1: the teacher comes trained.
+        if run.method.teachers_from is None and self.kdnet_teacher_epochs >= run.train.epochs:
             raise self._error(
                 "kdnet_teacher_epochs",
                 f"stage 1 must end before train.epochs ({run.train.epochs}) so the student "

@@ -34,6 +34,7 @@ class MDSDOptions(MethodOptions):
 
     name: ClassVar[str] = "mdsd"
     student_count: ClassVar[tuple[int, int]] = (1, 3)
+    separate_teachers: ClassVar[bool] = False  # its teacher is its own full-modality pass
 
     mdsd_keep_prob: float = 0.25
     """Probability that the dropout pass keeps each non-student modality, drawn independently
@@ -57,7 +58,8 @@ class MDSDOptions(MethodOptions):
         """``kd_temperature``, or MDSD's 4 when ``None``."""
         return 4.0 if self.kd_temperature is None else self.kd_temperature
 
-    def check_modalities(self, student: tuple[str, ...], teachers: tuple[str, ...]) -> None:
+    def check_modalities(self, student: tuple[str, ...], teachers: tuple[str, ...], *,
+                         offline: bool = False) -> None:
         unseen = [m for m in student if m not in teachers]
         if unseen:
             raise self._error(

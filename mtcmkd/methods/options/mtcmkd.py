@@ -62,13 +62,17 @@ class MTCMKDOptions(MethodOptions):
         :data:`TEACHER_ORDER`."""
         return tuple(m for m in TEACHER_ORDER if m not in student)
 
-    def check_modalities(self, student: tuple[str, ...], teachers: tuple[str, ...]) -> None:
+    def check_modalities(self, student: tuple[str, ...], teachers: tuple[str, ...], *,
+                         offline: bool = False) -> None:
+        # Offline, a teacher on the student's own modality is allowed: self-distillation from a
+        # converged network of the same input, the control for "KD without privileged input".
         shared = [m for m in student if m in teachers]
-        if shared:
+        if shared and not offline:
             raise self._error(
                 "teacher_modalities",
                 f"mtcmkd teachers are cross-modal, the student's modality {shared[0]!r} must "
-                f"not be a teacher", teachers)
+                f"not be a teacher (except for offline teachers, method.teachers_from)",
+                teachers)
 
     def _validate(self) -> None:
         if self.kd_temperature is not None:

@@ -32,12 +32,15 @@ from __future__ import annotations
 from .anatomy import template_path
 from .case import PhantomCase, make_case
 from .contrasts import MODALITIES
+from .label_noise import jitter_edema, noisy_copy
 from .release_writers import synthesize, write_case, write_msd_dataset_json
 
 __all__ = [
     "MODALITIES",
     "PhantomCase",
+    "jitter_edema",
     "make_case",
+    "noisy_copy",
     "synthesize",
     "template_path",
     "write_case",

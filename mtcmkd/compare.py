@@ -14,7 +14,13 @@ Rules, each tested in tests/test_compare.py:
   it (a silent intersection is how a comparison ends up on different cases);
 - every seed file of one side must hold the same case ids;
 - a NaN value (e.g. an undefined metric) is an error naming the file and case;
-- with fewer than 2 cases, or all differences zero, the Wilcoxon p is 1.0 (no evidence).
+- with fewer than 2 cases, or all differences zero, the Wilcoxon p is 1.0 (no evidence);
+- ``positive_only``: each region is compared on the cases whose truth has it (``truth_voxels``
+  > 0 in the A files, which must agree across seeds), so a region's ``n_cases`` may be smaller
+  than the number of paired cases. A case without the region scores Dice 1 or 0 by the empty
+  rules alone (one spurious voxel flips it), which can swamp a small difference on the rest.
+  A file without ``truth_voxels`` (an older evaluation) is an error saying to re-run evaluate;
+  a region no case has is an error.
 """
 
 from __future__ import annotations
@@ -69,16 +75,21 @@ def resolve_metrics_file(path: Path) -> Path:
                        "run `mtcmkd evaluate` first")
 
 
-def load_case_values(path: Path, metric: str) -> dict[str, dict[str, float]]:
-    """case id -> region -> value of `metric` from one metrics.json."""
+def _case_records(path: Path) -> list[dict[str, Any]]:
+    """The per-case records (``cases``) of one metrics.json."""
     try:
         doc = json.loads(path.read_text())
         cases = doc["cases"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CompareError(f"{path}: not a metrics.json of `mtcmkd evaluate` "
                            f"({type(err).__name__}: {err})") from None
+    return cases
+
+
+def load_case_values(path: Path, metric: str) -> dict[str, dict[str, float]]:
+    """case id -> region -> value of `metric` from one metrics.json."""
     values: dict[str, dict[str, float]] = {}
-    for record in cases:
+    for record in _case_records(path):
         try:
             case_id = str(record["case"])
             by_region = record[metric]
@@ -124,6 +135,34 @@ def seed_average(paths: Sequence[Path], metric: str) -> dict[str, dict[str, floa
                for region in first[case]}
         for case in sorted(first)
     }
+
+
+def load_truth_voxels(paths: Sequence[Path]) -> dict[str, dict[str, int]]:
+    """case id -> region -> voxels of that region in the truth, the same in every file.
+
+    Raises:
+        CompareError: a record without ``truth_voxels`` (the file predates them: re-run
+            evaluate), or files that disagree (the seeds were scored on different truths).
+    """
+    first_path: Path | None = None
+    first: dict[str, dict[str, int]] = {}
+    for path in paths:
+        counts: dict[str, dict[str, int]] = {}
+        for record in _case_records(path):
+            case_id = str(record.get("case")) if isinstance(record, dict) else "?"
+            by_region = record.get("truth_voxels") if isinstance(record, dict) else None
+            if not isinstance(by_region, dict):
+                raise CompareError(
+                    f"{path}: case {case_id} has no truth_voxels (written by an older "
+                    "`mtcmkd evaluate`); re-run `mtcmkd evaluate` to compare positive cases only")
+            counts[case_id] = {str(r): int(v) for r, v in by_region.items()}
+        if first_path is None:
+            first_path, first = path, counts
+        elif counts != first:
+            differing = sorted(c for c in set(first) | set(counts) if first.get(c) != counts.get(c))
+            raise CompareError(f"{path}: truth_voxels of case {differing[0]} differ from "
+                               f"{first_path}'s; the files were scored against different truths")
+    return first
 
 
 def bootstrap_ci(diffs: np.ndarray, *, n_resamples: int = N_BOOTSTRAP,
@@ -176,15 +215,21 @@ def verdict(ci_low: float, ci_high: float, margin: float | None,
 
 def compare(a_paths: Sequence[Path], b_paths: Sequence[Path], *, metric: str = "dice",
             regions: Sequence[str] = tuple(REGIONS), margin: float | None = None,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, positive_only: bool = False) -> dict[str, Any]:
     """Compare side A (one or more metrics.json, seeds of one model) with side B.
 
+    Args:
+        positive_only: compare each region on the cases whose truth has it (``truth_voxels``
+            > 0 in the A files); each region's ``n_cases`` then says how many.
+
     Returns:
-        A JSON-ready dict: ``metric``, ``a``/``b`` (files), ``cases`` (the ids), ``regions``
-        (one :class:`RegionComparison` each, as a dict), ``per_case`` (region -> case -> B - A).
+        A JSON-ready dict: ``metric``, ``a``/``b`` (files), ``cases`` (the paired ids),
+        ``positive_only``, ``regions`` (one :class:`RegionComparison` each, as a dict),
+        ``per_case`` (region -> case -> B - A, over the cases that region was compared on).
 
     Raises:
-        CompareError: unreadable input, cases on one side only, NaN values.
+        CompareError: unreadable input, cases on one side only, NaN values; with
+            `positive_only`, files without ``truth_voxels`` or a region no case has.
     """
     a_files = [resolve_metrics_file(Path(p)) for p in a_paths]
     b_files = [resolve_metrics_file(Path(p)) for p in b_paths]
@@ -199,6 +244,7 @@ def compare(a_paths: Sequence[Path], b_paths: Sequence[Path], *, metric: str = "
         raise CompareError(f"{b_files[0]}: not the same cases as {a_files[0]} "
                            f"({'; '.join(parts)})")
     cases = sorted(a)
+    truth = load_truth_voxels(a_files) if positive_only else {}
     rows: list[RegionComparison] = []
     per_case: dict[str, dict[str, float]] = {}
     raw_p = []
@@ -207,13 +253,19 @@ def compare(a_paths: Sequence[Path], b_paths: Sequence[Path], *, metric: str = "
         missing = [c for c in cases if region not in a[c] or region not in b[c]]
         if missing:
             raise CompareError(f"region {region!r} missing for case {missing[0]}")
-        va = np.array([a[c][region] for c in cases])
-        vb = np.array([b[c][region] for c in cases])
+        scored = cases
+        if positive_only:
+            scored = [c for c in cases if truth[c].get(region, 0) > 0]
+            if not scored:
+                raise CompareError(f"{a_files[0]}: no case has {region} in its truth "
+                                   "(truth_voxels 0 everywhere); nothing to compare")
+        va = np.array([a[c][region] for c in scored])
+        vb = np.array([b[c][region] for c in scored])
         diffs = vb - va
-        per_case[region] = {c: float(d) for c, d in zip(cases, diffs, strict=True)}
+        per_case[region] = {c: float(d) for c, d in zip(scored, diffs, strict=True)}
         low, high = bootstrap_ci(diffs, seed=seed)
         raw_p.append(wilcoxon_p(diffs))
-        rows.append(RegionComparison(region, len(cases), float(va.mean()), float(vb.mean()),
+        rows.append(RegionComparison(region, len(scored), float(va.mean()), float(vb.mean()),
                                      float(diffs.mean()), low, high, raw_p[-1], math.nan,
                                      verdict(low, high, margin, higher_is_better)))
     adjusted = holm(raw_p)
@@ -225,6 +277,7 @@ def compare(a_paths: Sequence[Path], b_paths: Sequence[Path], *, metric: str = "
         "b": [str(p) for p in b_files],
         "n_cases": len(cases),
         "cases": cases,
+        "positive_only": positive_only,
         "confidence": CONFIDENCE,
         "bootstrap_resamples": N_BOOTSTRAP,
         "margin": margin,

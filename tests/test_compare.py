@@ -17,10 +17,13 @@ REGIONS = ("WT", "TC", "ET")
 
 
 def write_metrics(path: Path, values: dict[str, dict[str, float]],
-                  metric: str = "dice") -> Path:
+                  metric: str = "dice", truth: dict[str, dict[str, int]] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     cases = [{"case": c, metric: v, "hd95": {r: 1.0 for r in REGIONS}}
              for c, v in values.items()]
+    if truth is not None:
+        for record in cases:
+            record["truth_voxels"] = truth[record["case"]]
     path.write_text(json.dumps({"year": "2021", "cases": cases}))
     return path
 
@@ -147,3 +150,105 @@ def test_validation_split_is_noted(tmp_path: Path) -> None:
     assert res.exit_code == 0
     assert "note: the sides were scored on split(s)" in res.output
 
+
+
+# --- --positive-only: each region on the cases whose truth has it ---------------------------
+
+
+def et_negative_study(tmp_path: Path) -> tuple[list[Path], Path, list[str], dict]:
+    """Two seeds of A and one B over 20 cases, 6 of which have no ET in the truth: there A
+    scores ET Dice 1 (both empty) and B 0 (a spurious voxel), the rest differ by ~+0.03."""
+    rng = np.random.default_rng(7)
+    ids = [f"case_{i:02d}" for i in range(20)]
+    no_et = set(ids[::3][:6])
+    truth = {c: {"WT": 900, "TC": 300, "ET": 0 if c in no_et else 120} for c in ids}
+    base = rng.uniform(0.6, 0.9, size=(20, 3))
+    sides = []
+    for shift, offset in ((0.0, 0.01), (0.0, -0.01), (0.03, 0.0)):
+        values = {c: {r: float(base[i, j] + shift + offset + rng.normal(0, 0.02))
+                      for j, r in enumerate(REGIONS)} for i, c in enumerate(ids)}
+        for c in no_et:
+            values[c]["ET"] = 0.0 if shift else 1.0
+        sides.append(values)
+    a = [write_metrics(tmp_path / f"a{k}.json", sides[k], truth=truth) for k in (0, 1)]
+    b = write_metrics(tmp_path / "b.json", sides[2], truth=truth)
+    return a, b, sorted(c for c in ids if c not in no_et), sides
+
+
+def test_positive_only_matches_scipy_on_the_positive_cases(tmp_path: Path) -> None:
+    a, b, et_cases, sides = et_negative_study(tmp_path)
+    everything = compare(a, [b])
+    result = compare(a, [b], positive_only=True)
+    assert result["positive_only"] is True and everything["positive_only"] is False
+    assert result["n_cases"] == 20
+    wt, tc, et = result["regions"]
+    assert (wt["n_cases"], tc["n_cases"], et["n_cases"]) == (20, 20, 14)
+    assert everything["regions"][2]["n_cases"] == 20
+    assert sorted(result["per_case"]["ET"]) == et_cases
+    assert len(result["per_case"]["WT"]) == 20
+    for row in result["regions"]:
+        region = row["region"]
+        cases = et_cases if region == "ET" else sorted(sides[0])
+        va = np.array([(sides[0][c][region] + sides[1][c][region]) / 2 for c in cases])
+        vb = np.array([sides[2][c][region] for c in cases])
+        diffs = vb - va
+        assert row["mean_a"] == pytest.approx(va.mean(), abs=1e-12)
+        assert row["mean_diff"] == pytest.approx(diffs.mean(), abs=1e-12)
+        assert row["wilcoxon_p"] == pytest.approx(stats.wilcoxon(diffs).pvalue, rel=1e-12)
+        ref = stats.bootstrap((diffs,), np.mean, confidence_level=0.95, method="percentile",
+                              n_resamples=10_000, random_state=0).confidence_interval
+        assert row["ci_low"] == pytest.approx(ref.low, abs=2e-3)
+        assert row["ci_high"] == pytest.approx(ref.high, abs=2e-3)
+        assert row["verdict"] == "B better"
+    assert [r["holm_p"] for r in result["regions"]] == pytest.approx(
+        holm([r["wilcoxon_p"] for r in result["regions"]]))
+    # On every case the empty-truth ET cases (1 -> 0) swamp the +0.03 of the others.
+    assert everything["regions"][2]["mean_diff"] < 0 < et["mean_diff"]
+    # A region alone: n_cases and Holm over that one region.
+    only_et = compare(a, [b], regions=("ET",), positive_only=True)["regions"]
+    assert only_et[0]["n_cases"] == 14 and only_et[0]["holm_p"] == only_et[0]["wilcoxon_p"]
+
+
+def test_positive_only_refuses_files_without_truth_voxels(tmp_path: Path) -> None:
+    a, b, _, sides = et_negative_study(tmp_path)
+    old = write_metrics(tmp_path / "old" / "metrics.json", sides[0])
+    compare([old], [b])  # without --positive-only, an older file is fine
+    with pytest.raises(CompareError, match=r"old/metrics.json: case case_00 has no "
+                                           r"truth_voxels.*re-run `mtcmkd evaluate`"):
+        compare([old], [b], positive_only=True)
+    with pytest.raises(CompareError, match="old/metrics.json: case case_00 has no truth_voxels"):
+        compare([a[0], old], [b], positive_only=True)
+
+
+def test_positive_only_refuses_disagreeing_truths_and_absent_regions(tmp_path: Path) -> None:
+    ids = ["x", "y", "z"]
+    values = {c: dict.fromkeys(REGIONS, 0.5) for c in ids}
+    truth = {c: {"WT": 10, "TC": 5, "ET": 0} for c in ids}
+    a1 = write_metrics(tmp_path / "a1.json", values, truth=truth)
+    other = {**truth, "y": {"WT": 11, "TC": 5, "ET": 0}}
+    a2 = write_metrics(tmp_path / "a2.json", values, truth=other)
+    with pytest.raises(CompareError, match="a2.json: truth_voxels of case y differ from"):
+        compare([a1, a2], [a1], positive_only=True)
+    with pytest.raises(CompareError, match="a1.json: no case has ET in its truth"):
+        compare([a1], [a1], positive_only=True)
+    rows = compare([a1], [a1], regions=("WT", "TC"), positive_only=True)["regions"]
+    assert [r["n_cases"] for r in rows] == [3, 3]
+
+
+def test_cli_positive_only(tmp_path: Path) -> None:
+    a, b, _, _ = et_negative_study(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["compare", f"{a[0]},{a[1]}", str(b), "--positive-only", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["positive_only"] is True
+    assert [r["n_cases"] for r in doc["regions"]] == [20, 20, 14]
+    res = runner.invoke(app, ["compare", str(a[0]), str(b), "--positive-only"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # the title may wrap
+    assert "each region on the cases whose truth has it" in text
+    assert "│ ET │ 14 │" in text and "│ WT │ 20 │" in text
+    old = write_metrics(tmp_path / "old.json", {"case_00": dict.fromkeys(REGIONS, 0.5)})
+    res = runner.invoke(app, ["compare", str(old), str(old), "--positive-only"])
+    assert res.exit_code == 2
+    assert "has no truth_voxels" in res.output

@@ -265,6 +265,7 @@ def test_empty_predictions_follow_the_legacy_empty_rules(env, tmp_path):
             else:
                 seen_empty_truth = True
                 assert case["dice"][region] == 1.0 and case["hd95"][region] == 0.0
+            assert case["truth_voxels"][region] == int(mask.sum())
     assert seen_empty_truth  # write_raw gives case 2 no ET
 
 
@@ -278,8 +279,8 @@ def test_metrics_json_and_csv_shape(env, tmp_path):
     assert "373.13" in metrics["rules"] and "MONAI" in metrics["hd95_definition"]
     names = {"dice", "hd95", "sensitivity", "specificity"}
     for case in metrics["cases"]:
-        assert set(case) == {"case"} | names
-        assert all(set(case[m]) == {"WT", "TC", "ET"} for m in names)
+        assert set(case) == {"case", "truth_voxels"} | names
+        assert all(set(case[m]) == {"WT", "TC", "ET"} for m in (*names, "truth_voxels"))
     assert set(metrics["mean"]) == names
     assert all(set(metrics["mean"][m]) == {"WT", "TC", "ET"} for m in names)
     header, body = rows[0], rows[1:]

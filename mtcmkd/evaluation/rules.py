@@ -194,7 +194,9 @@ def score_case_record(case: ScoringCase, settings: EvaluationSettings) -> dict[s
 
     Post-processing (when on) is applied to the prediction first, and the record then holds
     ``"et_relabelled"``. Metrics are those of ``settings.metric_names``; Dice, sensitivity and
-    specificity are fractions in [0, 1], HD95 is in mm.
+    specificity are fractions in [0, 1], HD95 is in mm. ``"truth_voxels"`` counts each
+    region's voxels in the truth (0: the region is absent, so its Dice is 1 or 0 by the empty
+    rules alone; `mtcmkd compare --positive-only` leaves such cases out of that region).
     """
     prediction, relabelled = postprocess_labels(case.prediction, settings.postprocess_et)
     record: dict[str, Any] = {"case": case.case_id}
@@ -222,6 +224,8 @@ def score_case_record(case: ScoringCase, settings: EvaluationSettings) -> dict[s
             record.update(lesion)
         if settings.legacy_slice_dice:
             record["legacy_slice_dice"] = slices
+    record["truth_voxels"] = {region: int(np.count_nonzero(np.isin(case.truth, values)))
+                              for region, values in REGIONS.items()}
     if settings.postprocess_et is not None:
         record["et_relabelled"] = relabelled
     return record

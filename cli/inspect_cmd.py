@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from mtcmkd.brats import CHANNELS
-from mtcmkd.config import ConfigError, config_hash, load_config
+from mtcmkd.config import ConfigError, config_hash, load_config, preset_names, preset_path
 
 from .console import console, failer
 
@@ -18,12 +18,18 @@ fail = failer("inspect")
 
 
 def inspect_config(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Run config YAML file.")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Run config YAML file or preset name; without it, list the "
+        "shipped presets.")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a value: section.key=value (YAML value), repeatable.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
-    """Validate a config and show its networks (parameters, modalities) and loss terms."""
+    """Validate a config and show its networks (parameters, modalities) and loss terms; list
+    the shipped presets without --config."""
+    if config is None:
+        list_presets(as_json)
+        return
     try:
         cfg = load_config(config, overrides or ())
     except ConfigError as exc:
@@ -69,3 +75,24 @@ def inspect_config(
     console.print(terms)
     if info["settings"]:
         console.print("settings: " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))
+
+
+def list_presets(as_json: bool) -> None:
+    """The shipped presets: name, method, student and teacher inputs, hash."""
+    rows = []
+    for name in preset_names():
+        cfg = load_config(name)
+        rows.append({"preset": name, "method": cfg.method.name,
+                     "student": list(cfg.method.student_modalities),
+                     "teachers": list(cfg.method.effective_teacher_modalities),
+                     "hash": config_hash(cfg), "file": str(preset_path(name))})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="presets (--config NAME, or a path to your own YAML)")
+    for col in ("preset", "method", "student", "teachers", "hash"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["preset"], r["method"], ", ".join(r["student"]),
+                      ", ".join(r["teachers"]) or "-", r["hash"])
+    console.print(table)

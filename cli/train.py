@@ -15,7 +15,8 @@ fail = failer("train")
 
 
 def train(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config (see configs/).")],
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="YAML config, or a preset name (`mtcmkd inspect` lists them).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
     store: Annotated[Path | None, typer.Option(help="Zarr store (overrides data.store).")] = None,
     set_: Annotated[list[str] | None, typer.Option(

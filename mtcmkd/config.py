@@ -56,6 +56,8 @@ __all__ = [
     "config_hash",
     "dump_config",
     "load_config",
+    "preset_names",
+    "preset_path",
     "to_dict",
 ]
 
@@ -500,11 +502,41 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     section[parts[1]] = value
 
 
+PRESETS_PACKAGE = "mtcmkd.presets"
+"""The shipped configs: ``configs/`` of the repository, installed under this package name."""
+
+
+def _presets_folder() -> Path | None:
+    from importlib import resources
+
+    try:
+        folder = resources.files(PRESETS_PACKAGE)
+    except ModuleNotFoundError:
+        return None
+    return Path(str(folder)) if Path(str(folder)).is_dir() else None
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (``mtcmkd``, ``baseline``, ...), sorted."""
+    folder = _presets_folder()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder is not None else []
+
+
+def preset_path(name: str) -> Path | None:
+    """The file of preset ``name`` (``"mtcmkd"`` or ``"mtcmkd.yaml"``), or None."""
+    folder = _presets_folder()
+    if folder is None or "/" in name or "\\" in name:
+        return None
+    candidate = folder / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return candidate if candidate.is_file() else None
+
+
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config, apply ``--set`` overrides in order, validate.
 
     Args:
-        path: the YAML file; a missing top-level ``name`` defaults to the file's stem.
+        path: the YAML file, or the name of a shipped preset (:func:`preset_names`) when no
+            such file exists; a missing top-level ``name`` defaults to the file's stem.
         overrides: ``"section.key=value"`` strings (``"train.lr=3e-4"``,
             ``"data.patch_size=[64,64,64]"``); values are parsed with ``yaml.safe_load``.
 
@@ -514,10 +546,14 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
             The message starts with the file path.
     """
     path = Path(path)
+    if not path.exists():
+        path = preset_path(str(path)) or path
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
-        raise ConfigError(f"{path}: no such config file") from err
+        presets = ", ".join(preset_names())
+        raise ConfigError(f"{path}: no such config file, nor a preset name (presets: "
+                          f"{presets})") from err
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from err
     try:

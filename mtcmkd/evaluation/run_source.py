@@ -160,6 +160,19 @@ class RunEvaluationInputs:
     notes: list[str] = field(default_factory=list)
 
 
+def _run_store(configured: str | None, recorded: RecordedSplit | None) -> Path | None:
+    """The store a run trained on: ``data.store`` as typed when it exists from here (an
+    absolute path, or a relative one from the folder training ran in), else the absolute path
+    ``splits.json`` recorded at training, so ``evaluate --run`` works from any folder."""
+    absolute = Path(recorded.store) if recorded is not None and recorded.store else None
+    if configured is None:
+        return absolute
+    typed = Path(configured)
+    if not typed.exists() and absolute is not None and absolute.exists():
+        return absolute
+    return typed
+
+
 def normalise_split(split: str) -> str:
     """`--split` as given -> one of `SPLITS` ("val", the spelling before test sets, is read as
     "validation").
@@ -213,9 +226,7 @@ def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str =
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as exc:
         raise EvaluationError(str(exc)) from None  # messages name the file
     recorded = read_recorded_split(run_dir)
-    store_path = Path(store) if store is not None else (
-        Path(cfg.data.store) if cfg.data.store is not None else (
-            Path(recorded.store) if recorded is not None and recorded.store else None))
+    store_path = Path(store) if store is not None else _run_store(cfg.data.store, recorded)
     if store_path is None:
         raise InputError(run_dir / "config.yaml", "data.store is not set; pass --store")
     try:

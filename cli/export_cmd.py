@@ -64,8 +64,13 @@ def export_torchscript_cmd(
                          "sizes (probabilities within 1e-4, identical labels).")] = False,
 ) -> None:
     """The whole inference (crop, z-score, sliding window, labels) as one TorchScript file."""
-    from mtcmkd.export.source import ExportError
+    from mtcmkd.export.source import ExportError, check_export_target
     from mtcmkd.export.torchscript import export_torchscript, verify_export
+
+    try:
+        check_export_target(source, out)
+    except ExportError as exc:
+        fail(str(exc))
 
     try:
         with console.status(f"scripting {source}"):
@@ -141,7 +146,12 @@ def export_onnx_cmd(
 ) -> None:
     """The student network at patch level as ONNX (dynamic batch and spatial sizes)."""
     from mtcmkd.export.onnx_export import export_onnx
-    from mtcmkd.export.source import ExportError, VerificationError
+    from mtcmkd.export.source import ExportError, VerificationError, check_export_target
+
+    try:
+        check_export_target(source, out)
+    except ExportError as exc:
+        fail(str(exc))
 
     try:
         with console.status(f"exporting {source} to ONNX"):
@@ -160,7 +170,12 @@ def export_pt2_cmd(
 ) -> None:
     """The student network at patch level as a torch.export program (torch.export.load)."""
     from mtcmkd.export.patch_network import export_pt2
-    from mtcmkd.export.source import ExportError, VerificationError
+    from mtcmkd.export.source import ExportError, VerificationError, check_export_target
+
+    try:
+        check_export_target(source, out)
+    except ExportError as exc:
+        fail(str(exc))
 
     try:
         with console.status(f"exporting {source} with torch.export"):

@@ -17,7 +17,14 @@ from mtcmkd.integrity import CheckpointError, safe_torch_load
 from mtcmkd.models import build_network
 from mtcmkd.student_weights import StudentBundle, load_student, resolve_student_path
 
-__all__ = ["ExportError", "VerificationError", "frozen_network", "load_export_source"]
+__all__ = ["ExportError", "VerificationError", "check_export_target", "frozen_network",
+           "load_export_source"]
+
+#: Files a run folder holds (mtcmkd.engine.run_folder.RUN_FILES plus the ones written beside
+#: them); an export never replaces one of them.
+_RUN_OWN_FILES = frozenset({"config.yaml", "ds_config.json", "log.jsonl", "student.pt",
+                            "best_student.pt", "best.json", "summary.json", "splits.json",
+                            "teachers.json", "PREEMPTED"})
 
 
 class ExportError(ValueError):
@@ -73,6 +80,33 @@ def load_export_source(path: str | Path) -> StudentBundle:
     if len(bundle.patch_size) != 3 or min(bundle.patch_size) < 1:
         raise ExportError(f"{path}: bad patch size {bundle.patch_size} in the weights file")
     return bundle
+
+
+def check_export_target(source: str | Path, out: str | Path) -> None:
+    """Refuse an output path that would overwrite the source or one of a run's own files.
+
+    README's first export example once wrote ``--out RUN/student.pt``, which silently replaced
+    the run's weights with the TorchScript file. Checked before anything is loaded or written.
+
+    Raises:
+        ExportError: ``out`` is the student file being exported, a file of a run folder
+            (``student.pt``, ``best_student.pt``, ``config.yaml``, ...), or inside a run's
+            ``checkpoints/``.
+    """
+    out_path = Path(out).resolve()
+    try:
+        src = resolve_student_path(Path(source)).resolve()
+    except FileNotFoundError:
+        src = None  # load_export_source reports it
+    folder = out_path.parent
+    is_run = (folder / "config.yaml").is_file() and (
+        (folder / "student.pt").exists() or (folder / "checkpoints").is_dir())
+    if out_path == src or (is_run and out_path.name in _RUN_OWN_FILES) or any(
+            p.name == "checkpoints" and (p.parent / "config.yaml").is_file()
+            for p in out_path.parents):
+        suggestion = folder / "export" / f"{out_path.stem}_export{out_path.suffix or '.pt'}"
+        raise ExportError(f"{out}: is the run's own file (its weights or records); an export "
+                          f"never overwrites it: choose another --out, e.g. {suggestion}")
 
 
 def _describe_mismatch(path: Path) -> str:

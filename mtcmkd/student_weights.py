@@ -88,6 +88,27 @@ def resolve_student_path(path: Path) -> Path:
     return path
 
 
+def exported_kind(path: Path) -> str | None:
+    """What an exported file is (a sentence naming the command that made it and what runs
+    it), or None for anything else. Read from the archive's member names only."""
+    import zipfile
+
+    if path.suffix == ".onnx":
+        return "an ONNX export of `mtcmkd export onnx` (run it with ONNX Runtime)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if any("/code/__torch__" in n or n.endswith("/constants.pkl") for n in names):
+        return ("a TorchScript export of `mtcmkd export torchscript` (run it with torch.jit.load "
+                "or the C++ client in export/cpp)")
+    if any(n.endswith("/archive_format") or "/aotinductor/" in n or "/serialized_exported_program"
+           in n or n.endswith("/models/model.json") for n in names):
+        return "a .pt2 export of `mtcmkd export` (load it with torch.export.load)"
+    return None
+
+
 def load_student(path: Path) -> StudentBundle:
     """Rebuild the student network from a weights file or run folder.
 
@@ -99,6 +120,10 @@ def load_student(path: Path) -> StudentBundle:
     """
 
     path = resolve_student_path(path)
+    kind = exported_kind(path)
+    if kind is not None:
+        raise ValueError(f"{path}: {kind}, not student weights; predict, evaluate and export "
+                         "take a run folder or its student.pt / best_student.pt")
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an mtcmkd student weights file")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.main
 
 from . import compare as _compare
 from . import demo as _demo
@@ -36,10 +39,33 @@ app.add_typer(_export.export_app, name="export")
 app.command("demo")(_demo.demo)
 
 
+def _tidy_help(command: Any) -> Any:
+    """Help without type placeholders where they say nothing: on/off flags (``--help``
+    included) show no ``<bool>``, ``--set`` shows ``KEY=VALUE`` (repeat it for several pairs).
+
+    Works on the click command Typer builds (duck-typed: Typer ships its own click)."""
+    ctx = type(command).context_class(command)
+    for param in command.get_params(ctx):
+        if not hasattr(param, "is_flag") or param.metavar is not None:
+            continue
+        if param.is_flag:
+            param.metavar = " "
+        elif "--set" in param.opts:
+            param.metavar = "KEY=VALUE"
+    for sub in (getattr(command, "commands", None) or {}).values():
+        _tidy_help(sub)
+    return command
+
+
+def main() -> None:
+    """The console entry point: the app as a click command with tidied help."""
+    _tidy_help(typer.main.get_command(app))(prog_name="mtcmkd")
+
+
 @app.callback()
 def _main() -> None:
     """Pipeline: synth (phantom) -> preprocess (BraTS -> Zarr) -> train -> evaluate -> export."""
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,5 +1,5 @@
 """`python -m mtcmkd ...` == `mtcmkd ...` (what torchrun, deepspeed and srun launch)."""
 
-from mtcmkd.cli.main import app
+from mtcmkd.cli.main import main
 
-app(prog_name="mtcmkd")
+main()

@@ -71,3 +71,19 @@ def test_a_relative_store_is_found_through_the_recorded_absolute_path(tmp_path,
     assert _run_store("brats.zarr", None) == Path("brats.zarr")
     assert _run_store(None, recorded(store)) == store
     assert _run_store(None, None) is None
+
+
+@pytest.mark.parametrize("argv", [["train"], ["predict"], ["evaluate"], ["inspect"],
+                                  ["export", "torchscript"], ["preprocess"], ["compare"]])
+def test_help_has_no_placeholder_on_flags_and_names_set_pairs(argv, monkeypatch, capsys) -> None:
+    from mtcmkd.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setattr("sys.argv", ["mtcmkd", *argv, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--help" in text and "<bool>" not in text
+    if "--set" in text:
+        assert "KEY=VALUE" in text and "<list[str]>" not in text

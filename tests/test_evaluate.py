@@ -283,9 +283,16 @@ def test_metrics_json_and_csv_shape(env, tmp_path):
         assert all(set(case[m]) == {"WT", "TC", "ET"} for m in (*names, "truth_voxels"))
     assert set(metrics["mean"]) == names
     assert all(set(metrics["mean"][m]) == {"WT", "TC", "ET"} for m in names)
-    header, body = rows[0], rows[1:]
+    header, body, mean = rows[0], rows[1:-1], rows[-1]
     assert len(body) == len(env["ids"]) == len({r[0] for r in body})
     assert header[:4] == ["case", "dice_WT", "dice_TC", "dice_ET"]
+    # A mean row in the same units as the JSON (fractions, mm); no post-processing columns
+    # when it was off.
+    assert mean[0] == "mean" and len(mean) == len(header)
+    for i, name in enumerate(header[1:], start=1):
+        metric, region = name.rsplit("_", 1)
+        assert float(mean[i]) == pytest.approx(metrics["mean"][metric][region], rel=1e-5)
+    assert "et_relabelled" not in header and "postprocess_et" not in header
     assert "hd95_ET" in header and not any("legacy" in h for h in header)
     assert "lesion_wise_dice_WT" not in header  # 2021: legacy rules only
 
@@ -303,8 +310,7 @@ def test_postprocessing_is_reported_and_applied(env, tmp_path):
     off, off_rows = run_pred_eval(env, tmp_path, "perfect")
     assert off["postprocessing"]["applied"] is False
     assert off["postprocessing"]["et_min_voxels"] is None
-    col = off_rows[0].index("postprocess_et")
-    assert {r[col] for r in off_rows[1:]} == {"off"}
+    assert "postprocess_et" not in off_rows[0] and "et_relabelled" not in off_rows[0]
 
     on, on_rows = run_pred_eval(env, tmp_path, "perfect", "--postprocess-et", 1000)
     post = on["postprocessing"]
@@ -317,6 +323,10 @@ def test_postprocessing_is_reported_and_applied(env, tmp_path):
         assert case["dice"]["ET"] == (0.0 if case["case"] in with_et else 1.0)
     col = on_rows[0].index("postprocess_et")
     assert {r[col] for r in on_rows[1:]} == {"1000"}
+    relabelled = on_rows[0].index("et_relabelled")
+    cases = {r[0]: r[relabelled] for r in on_rows[1:-1]}
+    assert cases == {c: str(int(c in with_et)) for c in env["ids"]}
+    assert on_rows[-1][0] == "mean" and on_rows[-1][relabelled] == str(len(with_et))
 
 
 def test_evaluate_run_scores_in_native_space(env, tmp_path):

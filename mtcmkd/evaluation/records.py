@@ -2,7 +2,8 @@
 
 :func:`score_predictions` scores a stream of cases (one in memory at a time) into an
 :class:`Evaluation`; :func:`write_metrics` writes it as ``metrics.json`` (the whole record:
-rules, source, cases, means) and ``metrics.csv`` (one row per case), each atomically.
+rules, source, cases, means) and ``metrics.csv`` (one row per case and a mean row), each
+atomically.
 :func:`check_output_folder` refuses an unusable output folder before any work is done.
 """
 
@@ -94,15 +95,26 @@ class Evaluation:
         return doc
 
     def csv_rows(self) -> tuple[list[str], list[list[str]]]:
-        """Header and one row per case: ``case``, ``<metric>_<region>``..., post-processing."""
+        """Header, one row per case (``case``, ``<metric>_<region>``... as fractions and mm,
+        like metrics.json), then a ``mean`` row; the post-processing columns only when
+        post-processing was on (``postprocess_et`` = its voxel threshold, ``et_relabelled``
+        0/1 per case and the count in the mean row)."""
         names = self.settings.metric_names
+        post = self.settings.postprocess_et
         header = ["case"] + [f"{m}_{r}" for m in names for r in REGIONS]
-        header += ["postprocess_et", "et_relabelled"]
-        post = "off" if self.settings.postprocess_et is None else str(self.settings.postprocess_et)
+        if post is not None:
+            header += ["postprocess_et", "et_relabelled"]
         rows = []
         for c in self.cases:
             row = [c["case"]] + [f"{c[m][r]:.6g}" for m in names for r in REGIONS]
-            row += [post, "" if "et_relabelled" not in c else str(int(c["et_relabelled"]))]
+            if post is not None:
+                row += [str(post), str(int(bool(c.get("et_relabelled"))))]
+            rows.append(row)
+        if self.cases:
+            means = self.mean()
+            row = ["mean"] + [f"{means[m][r]:.6g}" for m in names for r in REGIONS]
+            if post is not None:
+                row += [str(post), str(sum(bool(c.get("et_relabelled")) for c in self.cases))]
             rows.append(row)
         return header, rows
 

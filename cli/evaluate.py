@@ -165,7 +165,8 @@ def evaluate(
 
                 overlay_png(png / f"{case.case_id}.png", case.image, truth=case.truth,
                             prediction=case.prediction, affine=case.affine,
-                            spacing=case.spacing, title=case.case_id)
+                            spacing=case.spacing, title=f"{case.case_id}  Dice " + ", ".join(
+                                f"{r} {record['dice'][r]:.3f}" for r in ("WT", "TC", "ET")))
             progress.update(task, advance=1, description=case.case_id)
 
         with progress:

@@ -24,7 +24,8 @@ from matplotlib.patches import Patch
 from mtcmkd.atomic import atomic_output
 from mtcmkd.brats import REGIONS
 
-__all__ = ["LABEL_COLOURS", "line_plot", "overlay_png", "save_png", "tumour_centre"]
+__all__ = ["LABEL_COLOURS", "legend_labels", "line_plot", "overlay_png", "save_png", "series_styles",
+           "tumour_centre"]
 
 #: Canonical label -> (name, colour) of the overlays.
 LABEL_COLOURS: dict[int, tuple[str, str]] = {
@@ -85,6 +86,16 @@ def _label_rgba(labels: np.ndarray) -> np.ndarray:
         rgb = tuple(int(colour[i: i + 2], 16) / 255.0 for i in (1, 3, 5))
         rgba[labels == value] = (*rgb, _OVERLAY_ALPHA)
     return rgba
+
+
+def legend_labels(*volumes: np.ndarray | None) -> list[int]:
+    """The overlay legend's labels: those present in any of the volumes (no RC entry on data
+    of a release without a resection cavity); NCR, ED, ET when none is present."""
+    present: set[int] = set()
+    for labels in volumes:
+        if labels is not None:
+            present.update(int(v) for v in np.unique(labels))
+    return [value for value in LABEL_COLOURS if value in present] or [1, 2, 3]
 
 
 def overlay_png(out_path: Path, image: np.ndarray | None, *, truth: np.ndarray | None = None,
@@ -153,8 +164,8 @@ def overlay_png(out_path: Path, image: np.ndarray | None, *, truth: np.ndarray |
                 ax.set_title(view, fontsize=10)
             if c == 0:
                 ax.set_ylabel(row_name, fontsize=10)
-    handles = [Patch(facecolor=colour, edgecolor="none", label=name)
-               for name, colour in LABEL_COLOURS.values()]
+    handles = [Patch(facecolor=LABEL_COLOURS[v][1], edgecolor="none", label=LABEL_COLOURS[v][0])
+               for v in legend_labels(truth_r, pred_r)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
                fontsize=9)
     fig.suptitle(f"{title}  (slices through voxel {centre} of the RAS-reoriented volume)"
@@ -167,29 +178,56 @@ def overlay_png(out_path: Path, image: np.ndarray | None, *, truth: np.ndarray |
 # ----------------------------------------------------------------------------- line plots
 
 
+def series_styles(names: Sequence[str]) -> dict[str, dict[str, object]]:
+    """A distinct colour per series (tab10 up to 10 series, tab20 up to 20, then the 20 again
+    with dashes), and the student's series drawn on top, thicker: when its values equal a
+    teacher's (a shared learning rate) it is still seen."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    n = cmap.N
+    styles: dict[str, dict[str, object]] = {}
+    for i, name in enumerate(names):
+        student = "student" in name
+        styles[name] = {"color": cmap(i % n), "linestyle": "-" if i < n else "--",
+                        "linewidth": 2.2 if student else 1.3, "zorder": 3 if student else 2}
+    return styles
+
+
 def line_plot(out_path: Path, panels: list[tuple[str, dict[str, tuple[list, list]], str, bool]],
-              xlabel: str, title: str, mark_x: float | None = None) -> Path:
+              xlabel: str, title: str, mark_x: float | None = None,
+              integer_x: bool = True) -> Path:
     """One PNG of stacked panels of named series against a shared x axis.
 
     Each panel is (y label, name -> (xs, ys), prefix stripped from names in the legend, log
     scale wanted); the y axis turns logarithmic only when every value is positive. `mark_x`
-    draws a dashed vertical line (the best epoch). Returns `out_path`.
+    draws a dashed vertical line (the best epoch). Colours per :func:`series_styles`; the
+    legend sits outside the axes (it never covers a curve); `integer_x` keeps ticks on whole
+    steps/epochs. Returns `out_path`.
     """
-    fig = Figure(figsize=(7.0, 3.6 * len(panels)))
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9.0, 3.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (ylabel, series, legend_prefix, log_y) in zip(axes[:, 0], panels, strict=True):
-        for name, (xs, ys) in sorted(series.items()):
+        names = sorted(series)
+        styles = series_styles(names)
+        for name in names:
+            xs, ys = series[name]
             label = name[len(legend_prefix):] if name.startswith(legend_prefix) else name
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3,
-                    label=label or name)
+                    label=label or name, **styles[name])  # type: ignore[arg-type]
         if log_y and all(y > 0 for _, ys in series.values() for y in ys):
             ax.set_yscale("log")
         if mark_x is not None:
-            ax.axvline(mark_x, color="grey", linestyle="--", linewidth=1, label="best epoch")
+            ax.axvline(mark_x, color="grey", linestyle=":", linewidth=1, label="best epoch")
+        if integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return save_png(fig, out_path)

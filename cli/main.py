@@ -16,6 +16,7 @@ from . import predict as _predict
 from . import preprocess as _preprocess
 from . import report as _report
 from . import store_info as _store_info
+from . import summary as _summary
 from . import synth as _synth
 from . import train as _train
 
@@ -35,6 +36,7 @@ app.command("predict")(_predict.predict)
 app.command("evaluate")(_evaluate.evaluate)
 app.command("report")(_report.report)
 app.command("compare")(_compare.compare_cmd)
+app.command("summary")(_summary.summary_cmd)
 app.add_typer(_export.export_app, name="export")
 app.command("demo")(_demo.demo)
 

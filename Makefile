@@ -8,10 +8,11 @@ DEMO   ?= demo_out
 
 .PHONY: venv sysdeps demo test test-fast lint bench clean
 
-# System packages the suite and the demo use: a C++ toolchain for the exported model's client
-# and a real one-node SLURM. Installed only when running as root on an apt system and missing;
-# elsewhere the tests that need them skip with the reason.
-APT_PACKAGES := cmake g++ slurmctld slurmd slurm-client munge
+# System packages the suite and the demo use: a C++ toolchain for the exported model's client,
+# a real SLURM, and iproute2 (`ip netns`) for its two-node form (tests/test_multinode.py).
+# Installed only when running as root on an apt system and missing; elsewhere the tests that
+# need them skip with the reason.
+APT_PACKAGES := cmake g++ slurmctld slurmd slurm-client munge iproute2
 
 # The constraints file pins the tested torch build (a local CPU wheel here); pyproject.toml
 # stays permissive so cluster users keep their own CUDA build.

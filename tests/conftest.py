@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,13 @@ import numpy as np
 import pytest
 
 from mtcmkd.brats import CHANNELS, release
+
+# DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR (default
+# ~/.cache/torch_extensions), and the build records the interpreter's path: two virtual
+# environments sharing the default rebuild it in turn and wait on each other's lock for
+# minutes. Tests use a folder of their own environment (subprocesses inherit it).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      str(Path(sys.prefix) / "torch_extensions"))
 from mtcmkd.phantom import write_case, write_msd_dataset_json
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2021-sample"

@@ -1,4 +1,5 @@
-"""A real one-node SLURM cluster for the tests (Debian's packages; PLATFORM.md recipe).
+"""Real SLURM clusters for the tests (Debian's packages; PLATFORM.md recipe): `Cluster`, one
+node on this host, and `TwoNodeCluster`, two nodes on this one machine in network namespaces.
 
 Runs as root only. Installs the packages when missing (apt), writes a private slurm.conf in a
 temporary folder (exported to clients through SLURM_CONF, so a machine's own configuration is
@@ -10,12 +11,27 @@ process dies (PR_SET_PDEATHSIG); and each started daemon is recorded (pid, start
 in a per-run file under REGISTRY_DIR, so the next start stops what a run killed with SIGKILL
 left behind. A recorded process is signalled only while its pid, start time and command all
 match and the run that recorded it is gone: daemons this code did not start are never touched.
+
+Two nodes (`TwoNodeCluster`): each node is a network namespace created by the test, with its own
+address on one veth pair (a private /24 in 10.200-254.x.0 that no route of this host covers) and
+no other link, so traffic flows only between the two; loopback is up in each. Every daemon of a
+node runs inside `nsenter --net` + `unshare --uts --mount`: the node's name as hostname and a
+hosts file of the cluster bound over /etc/hosts (both node names resolve on both nodes, as a
+cluster's DNS would); the rest of the file system is shared. (`ip netns exec` would remount
+/sys, and slurmd then finds no cgroup file system.) slurmctld runs on the first node, one
+slurmd per node (per-node spool, pid and log paths from `%n`); munged (a Unix socket, not the
+network) is shared. Client commands (`sbatch`, `scontrol`, ...) run in the first node's network
+namespace. The namespaces join the same teardown: recorded in the registry before they exist,
+and removed (with every process still in them: job steps, ranks) by `stop()` and by the next
+run's `kill_leftovers`.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import ipaddress
+import itertools
 import json
 import os
 import shutil
@@ -24,13 +40,17 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+#: What the two-node cluster needs on top (`ip netns`; `unshare` and `hostname` are essential).
+NETNS_PACKAGES = ("iproute2",)
 #: Where each running test cluster lists the daemons it started (one JSON file per run).
 REGISTRY_DIR = Path(tempfile.gettempdir()) / "mtcmkd-test-slurm"
 _PR_SET_PDEATHSIG = 1
+_instances = itertools.count()  # tells apart the clusters of one process (registry, names)
 
 
 class SlurmUnavailable(Exception):
@@ -91,6 +111,8 @@ def kill_leftovers(registry_dir: Path = REGISTRY_DIR, timeout: float = 20) -> li
         if _matches(run["owner"]):
             continue
         killed += _terminate(run["daemons"], timeout)
+        for name in run.get("netns", []):
+            remove_netns(name)
         path.unlink(missing_ok=True)
     return killed
 
@@ -100,22 +122,126 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def ensure_packages() -> None:
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+def ensure_packages(binaries: tuple[str, ...] = ("slurmctld", "slurmd", "sbatch", "munged"),
+                    packages: tuple[str, ...] = PACKAGES) -> None:
+    """Install `packages` (apt, as root) unless every one of `binaries` is on PATH."""
+    if all(shutil.which(b) for b in binaries):
         return
+    what = " ".join(packages)
     if os.geteuid() != 0:
-        raise SlurmUnavailable("SLURM packages missing and not root (cannot apt-get install)")
+        raise SlurmUnavailable(f"{what} missing and not root (cannot apt-get install)")
     if not shutil.which("apt-get"):
-        raise SlurmUnavailable("SLURM packages missing and no apt-get on this machine")
+        raise SlurmUnavailable(f"{what} missing and no apt-get on this machine")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     r = _run(["apt-get", "update", "-qq"], env=env, timeout=600)
-    r = _run(["apt-get", "install", "-y", "-qq", *PACKAGES], env=env, timeout=900)
+    r = _run(["apt-get", "install", "-y", "-qq", *packages], env=env, timeout=900)
     if r.returncode != 0:
-        raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: "
+        raise SlurmUnavailable(f"apt-get install {what} failed: "
                                f"{r.stderr.strip().splitlines()[-1:]}")
 
 
+# --- network namespaces: the "hosts" of the two-node cluster ----------------------------------
+
+def netns_pids(name: str) -> list[int]:
+    """Pids of the processes inside network namespace `name` ([] when it does not exist)."""
+    r = _run(["ip", "netns", "pids", name])
+    return [int(w) for w in r.stdout.split()] if r.returncode == 0 else []
+
+
+def netns_exists(name: str) -> bool:
+    return (Path("/run/netns") / name).exists()
+
+
+def remove_netns(name: str, grace: float = 2) -> None:
+    """Stop every process inside namespace `name` (SIGTERM, SIGKILL after `grace` seconds:
+    slurmstepd ignores SIGTERM), then delete the namespace (its veth end, and so the pair,
+    goes with it). Everything in a namespace the test created is the test's own."""
+    pids = netns_pids(name)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while (pids := [p for p in pids if process_identity(p) is not None]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not pids:
+            break
+    if netns_exists(name):
+        _run(["ip", "netns", "del", name])
+
+
+def private_subnet(pid: int | None = None) -> ipaddress.IPv4Network:
+    """A /24 in 10.200.0.0-10.254.255.0 that no address or route of this host's namespace
+    overlaps, chosen from the pid (so two concurrent test runs rarely pick the same one; they
+    would not see each other anyway, each pair of namespaces has only its own link)."""
+    used = []
+    for args in (["-4", "-o", "addr", "show"], ["-4", "route", "show", "table", "all"]):
+        for word in _run(["ip", *args]).stdout.split():
+            try:
+                used.append(ipaddress.ip_network(word, strict=False))
+            except ValueError:
+                continue
+    used = [n for n in used if n.prefixlen > 0]  # "default" parses as nothing; 0/0 covers all
+    start = (os.getpid() if pid is None else pid) % (55 * 256)
+    for k in range(55 * 256):
+        i = (start + k) % (55 * 256)
+        net = ipaddress.ip_network(f"10.{200 + i // 256}.{i % 256}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise SlurmUnavailable("no free private /24 in 10.200-254.x.0 for the test namespaces")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One "host" of the two-node cluster: a network namespace with one veth end."""
+
+    name: str  # SLURM NodeName, the hostname inside its UTS namespace, resolvable on both nodes
+    netns: str
+    veth: str
+    addr: str
+    hosts: Path  # this node's /etc/hosts: both nodes' names and addresses
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """`cmd` run inside this node: its network namespace, a UTS namespace whose hostname is
+        the node's name, and a mount namespace where `hosts` is /etc/hosts (the rest of the
+        file system, /sys and its cgroups included, is this machine's). Exec all the way:
+        the pid of the wrapper is cmd's."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--uts", "--mount",
+                "--", "sh", "-c", 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && '
+                'exec "$@"', self.name, str(self.hosts), *cmd]
+
+
+def create_nodes(prefix: str, names: tuple[str, str], subnet: ipaddress.IPv4Network,
+                 workdir: Path) -> list[Node]:
+    """Two network namespaces `{prefix}-1/-2` joined by one veth pair (ends `{prefix}v1/v2`,
+    so `prefix` has at most 12 characters), addresses .1 and .2 of `subnet`, loopback up;
+    `workdir/hosts` names both nodes (each node's /etc/hosts)."""
+    hosts = list(subnet.hosts())
+    table = Path(workdir) / "hosts"
+    nodes = [Node(name=n, netns=f"{prefix}-{i + 1}", veth=f"{prefix}v{i + 1}",
+                  addr=str(hosts[i]), hosts=table) for i, n in enumerate(names)]
+    a, b = nodes
+    steps = [["netns", "add", a.netns], ["netns", "add", b.netns],
+             ["link", "add", a.veth, "netns", a.netns, "type", "veth",
+              "peer", "name", b.veth, "netns", b.netns]]
+    for n in nodes:
+        steps += [["-n", n.netns, "addr", "add", f"{n.addr}/{subnet.prefixlen}", "dev", n.veth],
+                  ["-n", n.netns, "link", "set", "lo", "up"],
+                  ["-n", n.netns, "link", "set", n.veth, "up"]]
+    for step in steps:
+        r = _run(["ip", *step])
+        if r.returncode != 0:
+            raise SlurmUnavailable(f"ip {' '.join(step)}: {r.stderr.strip()}")
+    table.write_text("127.0.0.1 localhost\n" + "".join(f"{n.addr} {n.name}\n" for n in nodes))
+    return nodes
+
+
 class Cluster:
+    """One slurmd on this host (its hostname), slurmctld beside it."""
+
     def __init__(self, workdir: Path, cpus: int | None = None,
                  registry_dir: Path = REGISTRY_DIR) -> None:
         self.workdir = Path(workdir)
@@ -124,27 +250,61 @@ class Cluster:
         self.conf = self.workdir / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.procs: list[subprocess.Popen] = []
+        self.instance = next(_instances)
         self.registry_dir = Path(registry_dir)
-        self.registry = self.registry_dir / f"daemons-{os.getpid()}.json"
+        self.registry = self.registry_dir / f"daemons-{os.getpid()}-{self.instance}.json"
         self._previous_handlers: dict[int, Any] = {}
 
-    def _write_conf(self) -> None:
-        for sub in ("state", "spool", "log"):
-            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+    # --- what differs between one node and two: the hook methods ----------------------------
+
+    def node_names(self) -> list[str]:
+        return [self.host]
+
+    def _controller(self) -> str:
+        return self.host
+
+    def _node_lines(self, mem_mb: int) -> str:
+        return f"NodeName={self.host} CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN\n"
+
+    def _daemon_paths(self) -> str:
         w = self.workdir
-        mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
+        return (f"SlurmdSpoolDir={w}/spool\nSlurmdPidFile={w}/slurmd.pid\n"
+                f"SlurmdLogFile={w}/log/slurmd.log\n")
+
+    def _client_cmd(self, cmd: list[str]) -> list[str]:
+        """A client command (sbatch, scontrol, sinfo, scancel) as it must run to reach the
+        controller."""
+        return cmd
+
+    def _start_slurm(self) -> None:
+        self._write_conf()
+        for daemon in ("slurmctld", "slurmd"):
+            self.launch([daemon, "-D", "-f", str(self.conf)],
+                        self.workdir / "log" / f"{daemon}.out", env=self.env)
+
+    def _release(self) -> None:
+        """What the cluster holds besides its daemons (stop() calls it after them)."""
+
+    def _registry_extra(self) -> dict[str, Any]:
+        return {}
+
+    # --- configuration ----------------------------------------------------------------------
+
+    def _write_conf(self) -> None:
+        w = self.workdir
+        nodes = len(self.node_names())
+        mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8
+                     / nodes)
         self.conf.write_text(f"""\
 ClusterName=mtcmkdtest
-SlurmctldHost={self.host}
+SlurmctldHost={self._controller()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation={w}/state
-SlurmdSpoolDir={w}/spool
 SlurmctldPidFile={w}/slurmctld.pid
-SlurmdPidFile={w}/slurmd.pid
 SlurmctldLogFile={w}/log/slurmctld.log
-SlurmdLogFile={w}/log/slurmd.log
+{self._daemon_paths()}\
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -154,25 +314,38 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=30
-NodeName={self.host} CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+{self._node_lines(mem_mb)}\
+PartitionName=debug Nodes={",".join(self.node_names())} Default=YES MaxTime=INFINITE State=UP
 """)
 
     # --- daemons: start, record, stop ------------------------------------------------------
 
-    def launch(self, cmd: list[str], log: Path, **popen: Any) -> subprocess.Popen:
-        """Start one daemon in the foreground, dying with this process, and record it."""
+    def launch(self, cmd: list[str], log: Path, expect: str | None = None,
+               **popen: Any) -> subprocess.Popen:
+        """Start one daemon in the foreground, dying with this process, and record it.
+
+        `expect`: the daemon's executable name when `cmd` is a wrapper that execs it
+        (`Node.wrap`); the record is written once the process runs it, so that its identity is
+        the daemon's and the leftover check recognises it.
+        """
         self._install_teardown()
         with open(log, "w") as sink:
             proc = subprocess.Popen(cmd, stdout=sink, stderr=sink, preexec_fn=_die_with_parent,
                                     **popen)
         self.procs.append(proc)
+        deadline = time.monotonic() + 10
+        while expect is not None and proc.poll() is None and time.monotonic() < deadline:
+            ident = process_identity(proc.pid)
+            if ident is not None and ident["cmd"] == expect:
+                break
+            time.sleep(0.02)
         self._write_registry()
         return proc
 
     def _write_registry(self) -> None:
         daemons = [i for p in self.procs if (i := process_identity(p.pid)) is not None]
-        run = {"owner": process_identity(os.getpid()), "daemons": daemons}
+        run = {"owner": process_identity(os.getpid()), "daemons": daemons,
+               **self._registry_extra()}
         self.registry_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.registry.with_suffix(".tmp")
         tmp.write_text(json.dumps(run))
@@ -225,48 +398,67 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                 raise SlurmUnavailable(f"munged failed to start: {log.read_text()[-400:]}")
             time.sleep(0.2)
 
-    def start(self, timeout: float = 60) -> Cluster:
+    def _check_host(self) -> None:
         if os.geteuid() != 0:
             raise SlurmUnavailable("starting slurmctld/slurmd needs root")
         ensure_packages()
+
+    def start(self, timeout: float = 60) -> Cluster:
+        """Start munged (unless one runs), slurmctld and the slurmd(s); returns once every
+        node is idle.
+
+        Raises:
+            SlurmUnavailable: not root, packages missing and not installable, or the cluster
+                did not come up within `timeout` (what was started is stopped again).
+        """
+        self._check_host()
         kill_leftovers(self.registry_dir)
-        self._write_conf()
-        self._start_munge()
-        for daemon in ("slurmctld", "slurmd"):
-            self.launch([daemon, "-D", "-f", str(self.conf)],
-                        self.workdir / "log" / f"{daemon}.out", env=self.env)
+        try:
+            for sub in ("state", "spool", "log"):
+                (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+            self._start_munge()
+            self._start_slurm()
+        except BaseException:
+            self.stop()
+            raise
         deadline = time.time() + timeout
+        nodes = len(self.node_names())
         while time.time() < deadline:
-            r = _run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env)
-            if r.returncode == 0 and r.stdout.strip() in ("idle", "mixed"):
+            r = self.client(["sinfo", "-h", "-N", "-o", "%T"])
+            states = r.stdout.split()
+            if r.returncode == 0 and len(states) == nodes \
+                    and all(s in ("idle", "mixed") for s in states):
                 return self
             if any(p.poll() is not None for p in self.procs):
                 break
             time.sleep(0.5)
-        logs = "".join((self.workdir / "log" / f).read_text()[-400:]
-                       for f in ("slurmctld.out", "slurmd.out") if (self.workdir / "log" / f).exists())
+        logs = "".join(f.read_text()[-400:] for f in sorted((self.workdir / "log").glob("*.out")))
         self.stop()
         raise SlurmUnavailable(f"SLURM did not come up within {timeout} s: {logs}")
 
+    def client(self, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+        """Run a SLURM client command against this cluster (its slurm.conf, its network)."""
+        return _run(self._client_cmd(cmd), env=self.env, **kw)
+
     def sbatch(self, args: list[str], cwd: Path) -> str:
-        r = _run(["sbatch", "--parsable", *args], env=self.env, cwd=cwd)
+        r = self.client(["sbatch", "--parsable", *args], cwd=cwd)
         if r.returncode != 0:
             raise RuntimeError(f"sbatch failed: {r.stderr.strip()}")
         return r.stdout.strip().split(";")[0]
 
-    def job_state(self, job_id: str) -> str:
-        r = _run(["scontrol", "show", "job", job_id, "-o"], env=self.env)
+    def job_field(self, job_id: str, name: str) -> str | None:
+        """One field of `scontrol show job` (e.g. "NodeList"), None when absent."""
+        r = self.client(["scontrol", "show", "job", job_id, "-o"])
         for field in r.stdout.split():
-            if field.startswith("JobState="):
+            if field.startswith(f"{name}="):
                 return field.split("=", 1)[1]
-        return "UNKNOWN"
+        return None
+
+    def job_state(self, job_id: str) -> str:
+        return self.job_field(job_id, "JobState") or "UNKNOWN"
 
     def restart_count(self, job_id: str) -> int:
-        r = _run(["scontrol", "show", "job", job_id, "-o"], env=self.env)
-        for field in r.stdout.split():
-            if field.startswith("Restarts="):
-                return int(field.split("=", 1)[1])
-        return 0
+        return int(self.job_field(job_id, "Restarts") or 0)
 
     def wait(self, job_id: str, timeout: float) -> str:
         deadline = time.time() + timeout
@@ -280,16 +472,17 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         return f"TIMEOUT_WAITING({state})"
 
     def signal_job(self, job_id: str, sig: str = "USR1") -> None:
-        r = _run(["scancel", f"--signal={sig}", job_id], env=self.env)
+        r = self.client(["scancel", f"--signal={sig}", job_id])
         if r.returncode != 0:
             raise RuntimeError(f"scancel failed: {r.stderr.strip()}")
 
     def stop(self) -> None:
         """Cancel the jobs and stop the daemons this cluster started (slurm first, munged
-        last); safe to call more than once and from a signal handler."""
-        if any(p.args[0] == "slurmctld" and p.poll() is None for p in self.procs):
+        last), then release the rest (`_release`); safe to call more than once and from a
+        signal handler."""
+        if any("slurmctld" in p.args and p.poll() is None for p in self.procs):
             try:  # jobs first, while the controller still answers
-                _run(["scancel", "--full", "-u", "root"], env=self.env, timeout=30)
+                self.client(["scancel", "--full", "-u", "root"], timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 pass
         for p in reversed(self.procs):
@@ -301,6 +494,85 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                 p.kill()
                 p.wait()
         self.procs.clear()
+        self._release()
         self.registry.unlink(missing_ok=True)
         self._restore_handlers()
         atexit.unregister(self.stop)
+
+
+class TwoNodeCluster(Cluster):
+    """Two SLURM nodes on this machine, each a network namespace with its own address and
+    hostname (see the module docstring): slurmctld and the first slurmd on node 1, the second
+    slurmd on node 2, munged shared. `nodes[i].addr` is node i's address; client commands run
+    on node 1.
+    """
+
+    NAMES = ("mtcmkdnode1", "mtcmkdnode2")
+
+    def __init__(self, workdir: Path, cpus: int | None = None,
+                 registry_dir: Path = REGISTRY_DIR) -> None:
+        super().__init__(workdir, cpus, registry_dir)
+        # Interface names have at most 15 characters: "mtk" + pid (<= 7 digits) + a letter + "v1".
+        self.prefix = f"mtk{os.getpid()}{chr(ord('a') + self.instance % 26)}"
+        self.subnet: ipaddress.IPv4Network | None = None
+        self.nodes: list[Node] = []
+        self.namespaces: list[str] = []  # recorded before they exist: a crash mid-way is reaped
+
+    def node_names(self) -> list[str]:
+        return list(self.NAMES)
+
+    def _controller(self) -> str:
+        return f"{self.NAMES[0]}({self.nodes[0].addr})"
+
+    def _node_lines(self, mem_mb: int) -> str:
+        return "".join(f"NodeName={n.name} NodeAddr={n.addr} NodeHostname={n.name} "
+                       f"CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN\n" for n in self.nodes)
+
+    def _daemon_paths(self) -> str:
+        w = self.workdir
+        return (f"SlurmdSpoolDir={w}/spool/%n\nSlurmdPidFile={w}/slurmd-%n.pid\n"
+                f"SlurmdLogFile={w}/log/slurmd-%n.log\n")
+
+    def _client_cmd(self, cmd: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.nodes[0].netns}", *cmd]
+
+    def _check_host(self) -> None:
+        super()._check_host()
+        missing = [b for b in ("nsenter", "unshare", "mount", "hostname") if not shutil.which(b)]
+        if missing:
+            raise SlurmUnavailable(f"{' '.join(missing)} not on PATH (util-linux, mount, "
+                                   "hostname)")
+        ensure_packages(("ip",), NETNS_PACKAGES)
+        r = _run(["ip", "netns", "list"])
+        if r.returncode != 0:
+            raise SlurmUnavailable(f"`ip netns` does not work here: {r.stderr.strip()}")
+
+    def _start_slurm(self) -> None:
+        self._install_teardown()
+        self.subnet = private_subnet()
+        self.namespaces = [f"{self.prefix}-1", f"{self.prefix}-2"]
+        self._write_registry()
+        self.nodes = create_nodes(self.prefix, self.NAMES, self.subnet, self.workdir)
+        self._write_conf()
+        for n in self.nodes:
+            (self.workdir / "spool" / n.name).mkdir(parents=True, exist_ok=True)
+        log = self.workdir / "log"
+        first = self.nodes[0]
+        self.launch(first.wrap(["slurmctld", "-D", "-f", str(self.conf)]),
+                    log / "slurmctld.out", expect="slurmctld", env=self.env)
+        for n in self.nodes:
+            self.launch(n.wrap(["slurmd", "-D", "-N", n.name, "-f", str(self.conf)]),
+                        log / f"slurmd-{n.name}.out", expect="slurmd", env=self.env)
+
+    def _registry_extra(self) -> dict[str, Any]:
+        return {"netns": self.namespaces}
+
+    def _release(self) -> None:
+        for name in self.namespaces:
+            remove_netns(name)
+        self.namespaces = []
+        self.nodes = []
+
+    def in_node(self, i: int, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+        """Run `cmd` on node `i` (0 or 1), as a job's process there would run."""
+        return _run(self.nodes[i].wrap(cmd), env=self.env, **kw)

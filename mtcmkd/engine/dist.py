@@ -90,8 +90,26 @@ def local_world_size() -> int:
     return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
+def rank_banner(backend: str) -> str:
+    """One line naming this rank, its host and the rendezvous it joins, e.g.
+    ``rank 1 of 2 on node2 (local rank 0): gloo rendezvous at node1:20007 (10.0.0.1)``."""
+    env = os.environ
+    addr = env.get("MASTER_ADDR", "?")
+    try:
+        resolved = socket.gethostbyname(addr)
+    except OSError:
+        resolved = "unresolved"
+    return (f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} on "
+            f"{socket.gethostname()} (local rank {env.get('LOCAL_RANK', '?')}): {backend} "
+            f"rendezvous at {addr}:{env.get('MASTER_PORT', '?')} ({resolved})")
+
+
 def setup_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU).
+
+    With more than one rank, every rank prints :func:`rank_banner` before joining, so a job log
+    names each rank's host, also when the rendezvous never completes.
+    """
     launcher = export_launcher_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -100,6 +118,8 @@ def setup_distributed() -> DistInfo:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
+    if int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
+        print(rank_banner(backend), flush=True)
     import deepspeed
 
     if not torch.distributed.is_initialized():

@@ -114,7 +114,7 @@ def _describe_mismatch(path: Path) -> str:
 
     payload = safe_torch_load(path)
     model = payload["config"]["model"]
-    widths = model.get("widths")
+    widths = model.get("student_widths") or model.get("widths")
     n_classes = int(payload["n_out"])  # the student file's key keeps its historical name
     network = build_network(model["kind"], len(payload["channels"]), n_classes,
                             None if widths is None else tuple(widths))

@@ -72,6 +72,9 @@ DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {
 torch-free; ``mtcmkd.models`` (``DEFAULT_WIDTHS``, ``KDNET_DEFAULT_WIDTHS``) takes its values
 from it."""
 
+COLLECTIVE_TIMEOUT_S = 600.0
+"""Default of ``train.collective_timeout_s``: 10 minutes, NCCL's and DeepSpeed's own default."""
+
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -125,11 +128,25 @@ class ModelConfig(Section):
     output: Literal["softmax", "regions"] = "softmax"
     """"softmax": 4 classes (background, NCR/NETC, ED/SNFH, ET); "regions": 3 nested sigmoid
     outputs WT, TC, ET (the BraTS-winner variant)."""
+    student_widths: tuple[int, ...] | None = None
+    """The student's own widths, for a compact student next to full-size teachers (MTCM-KD
+    and baseline; same number of levels as ``widths``). ``None``: the student has ``widths``.
+    Written to a config file only when set, so earlier config hashes are unchanged."""
 
     @property
     def effective_widths(self) -> tuple[int, ...]:
         """``widths``, or the kind's default when ``None``."""
         return DEFAULT_WIDTHS[self.kind] if self.widths is None else self.widths
+
+    @property
+    def effective_student_widths(self) -> tuple[int, ...]:
+        """``student_widths``, or :attr:`effective_widths` when ``None``."""
+        return self.effective_widths if self.student_widths is None else self.student_widths
+
+    def to_flat(self) -> dict[str, Any]:
+        """The mapping a file holds under ``model:`` (``student_widths`` only when set)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "student_widths" or self.student_widths is not None}
 
     @property
     def n_classes(self) -> int:
@@ -142,26 +159,33 @@ class ModelConfig(Section):
         return 2 ** (len(self.effective_widths) - 1)
 
     def _validate(self) -> None:
-        if self.widths is None:
-            return
-        widths = self.widths
-        self._require(all(w >= 1 for w in widths), "widths", "every width must be >= 1")
+        if self.student_widths is not None:
+            self._require(len(self.student_widths) == len(self.effective_widths),
+                          "student_widths", f"needs as many levels as model.widths "
+                          f"({len(self.effective_widths)}): the patch stride and the deep "
+                          "supervision heads are shared")
+            self._check_widths("student_widths", self.student_widths)
+        if self.widths is not None:
+            self._check_widths("widths", self.widths)
+
+    def _check_widths(self, key: str, widths: tuple[int, ...]) -> None:
+        self._require(all(w >= 1 for w in widths), key, "every width must be >= 1")
         if self.kind == "resunet":
             # Deep supervision reads the decoder at 1/2 and 1/4 resolution: three decoder levels.
-            self._require(len(widths) >= 4, "widths", "resunet needs at least 4 levels")
+            self._require(len(widths) >= 4, key, "resunet needs at least 4 levels")
             # GroupNorm uses 6 groups when 6 divides C, else 4: every block input must divide by
             # one of them, including the decoder's concatenations w[i] + w[i-1].
             sizes = list(widths) + [widths[i] + widths[i - 1] for i in range(1, len(widths))]
             bad = [c for c in sizes if c % 6 and c % 4]
             self._require(
                 not bad,
-                "widths",
+                key,
                 f"resunet's GroupNorm needs every width and every sum of neighbouring widths "
                 f"to divide by 6 or 4 ({', '.join(map(str, bad))} do not); use multiples of 4",
             )
         else:
             # forward_features reads the decoder at 1/2 resolution: two decoder levels.
-            self._require(len(widths) >= 3, "widths", "kdnet needs at least 3 levels")
+            self._require(len(widths) >= 3, key, "kdnet needs at least 3 levels")
 
 
 def _flat_layout_v1() -> dict[str, Any]:
@@ -408,6 +432,18 @@ class TrainConfig(Section):
     """First epoch at which the plateau scheduler may act (the authors' 4)."""
     tensorboard: bool = False
     """Also write TensorBoard event files."""
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+    """Seconds a rank waits in one collective (a gradient all-reduce, a barrier) for the other
+    ranks before the run fails with the lost rank's host named (docs/SCALING.md). Longer than
+    any step, checkpoint or validation imbalance between ranks; a rank that died silently (its
+    node off the network) is noticed after this long. Written to config.yaml only when not the
+    default, so every earlier run's config hash stands."""
+
+    def to_flat(self) -> dict[str, Any]:
+        """The mapping a file holds under ``train:`` (collective_timeout_s only when set)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "collective_timeout_s"
+                or self.collective_timeout_s != COLLECTIVE_TIMEOUT_S}
 
     def _validate(self) -> None:
         for name in ("epochs", "iters_per_epoch", "batch_size", "grad_accum", "val_every",
@@ -423,6 +459,7 @@ class TrainConfig(Section):
         self._require(self.plateau_patience >= 0, "plateau_patience", "must be >= 0")
         self._require(0.0 < self.plateau_factor < 1.0, "plateau_factor", "must be in (0, 1)")
         self._require(self.plateau_start_epoch >= 0, "plateau_start_epoch", "must be >= 0")
+        self._require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -449,6 +486,11 @@ class RunConfig(Section):
                 f"data.patch_size: every axis must be a multiple of the network stride {stride} "
                 f"(2**(len(model.widths) - 1)) (got {fmt(self.data.patch_size)})"
             )
+        if self.model.student_widths is not None and not self.method.options.compact_student:
+            raise ConfigError(
+                f"model.student_widths: {self.method.name} needs the student and its teacher "
+                "to be the same network (its losses compare their features); use it with "
+                f"mtcmkd or baseline (got {fmt(self.model.student_widths)})")
         self.method.options.check_run(self)
 
 
@@ -581,7 +623,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     order; ``config_from_dict(to_dict(cfg)) == cfg``."""
 
     def plain(value: Any) -> Any:
-        if isinstance(value, MethodConfig):
+        if isinstance(value, (MethodConfig, TrainConfig, ModelConfig)):
             return {k: plain(v) for k, v in value.to_flat().items()}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}

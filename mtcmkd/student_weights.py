@@ -132,7 +132,7 @@ def load_student(path: Path) -> StudentBundle:
                          f"is not supported (expected {FORMAT_VERSION})")
     _verify_digest(path, payload)
     model_cfg = payload["config"]["model"]
-    widths = model_cfg.get("widths")
+    widths = model_cfg.get("student_widths") or model_cfg.get("widths")
     n_classes = int(payload["n_out"])  # the on-disk key keeps its historical name
     net = build_network(model_cfg["kind"], len(payload["channels"]), n_classes,
                         None if widths is None else tuple(widths))

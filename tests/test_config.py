@@ -14,6 +14,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from mtcmkd.brats import CHANNELS
 from mtcmkd.config import (
     DEFAULT_WIDTHS,
     ConfigError,
@@ -407,6 +408,8 @@ PINNED_HASHES = {
     "mdsd.yaml": "3a0ef73de3de2649",  # added with the method (issue 16), not a v1 file
     "mtcmkd-paper.yaml": "efc555d9e8cb50e7",
     "mtcmkd.yaml": "84329c25ce1caf20",
+    "mtcmkd-compact.yaml": "c0f757a4553c479f",  # compact students (issue 17), not v1 files
+    "mtcmkd-nano.yaml": "11a7183b1a9c0811",
     "tiny.yaml": "684ece4ee332c245",
 }
 
@@ -499,3 +502,46 @@ def test_loading_a_config_imports_no_torch() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_compact_student_has_its_own_widths_and_the_teachers_keep_theirs() -> None:
+    from mtcmkd.methods.build import build_method
+    from mtcmkd.models import count_parameters
+
+    cfg = load_config(CONFIGS / "mtcmkd-compact.yaml")
+    assert cfg.model.effective_widths == (32, 64, 128, 256)
+    assert cfg.model.effective_student_widths == (16, 32, 64, 128)
+    method = build_method(cfg, CHANNELS)
+    assert count_parameters(method.teachers["flair"]) == 9_459_478
+    assert count_parameters(method.student) == 2_367_473
+    assert to_dict(cfg)["model"]["student_widths"] == [16, 32, 64, 128]
+    assert "student_widths" not in to_dict(load_config(CONFIGS / "mtcmkd.yaml"))["model"]
+
+
+@pytest.mark.parametrize(("model", "method", "message"), [
+    ({"student_widths": [16, 32, 64]}, "mtcmkd", "needs as many levels as model.widths"),
+    ({"student_widths": [10, 32, 64, 128]}, "mtcmkd", "student_widths: resunet's GroupNorm"),
+    ({"kind": "kdnet", "widths": [8, 16, 24], "student_widths": [4, 8, 12]}, "kdnet",
+     "kdnet needs the student and its teacher to be the same network"),
+    ({"student_widths": [16, 32, 64, 128]}, "barlow", "barlow needs the student"),
+    ({"student_widths": [16, 32, 64, 128]}, "mdsd", "mdsd needs the student"),
+])
+def test_student_widths_are_refused_where_they_cannot_work(model, method, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"model": model, "method": {"name": method}})
+
+
+def test_a_compact_student_file_loads_with_its_own_widths(tmp_path) -> None:
+    from mtcmkd.methods.build import build_method
+    from mtcmkd.student_weights import load_student, save_student
+
+    cfg = config_from_dict({"data": {"patch_size": [16] * 3},
+                            "model": {"widths": [8, 16, 24, 32],
+                                      "student_widths": [4, 8, 12, 16]},
+                            "method": {"name": "mtcmkd"}})
+    student = build_method(cfg, CHANNELS).student
+    save_student(tmp_path / "s.pt", student, config=to_dict(cfg), config_hash=config_hash(cfg),
+                 channels=("t1ce",), output="softmax", n_classes=4, patch_size=(16, 16, 16))
+    loaded = load_student(tmp_path / "s.pt").network.state_dict()
+    assert loaded.keys() == student.state_dict().keys()
+    assert all(loaded[k].shape == v.shape for k, v in student.state_dict().items())

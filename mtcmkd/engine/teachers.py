@@ -133,6 +133,8 @@ def _source_config(source: Path) -> RunConfig:
 def _check_model(source: Path, cfg: RunConfig, src_cfg: RunConfig) -> None:
     mine, theirs = to_dict(cfg)["model"], to_dict(src_cfg)["model"]
     for key in mine:
+        if key == "student_widths":  # the students may differ; the teachers are `widths`
+            continue
         if mine[key] != theirs.get(key):
             raise TrainError(f"{source / 'config.yaml'}: model.{key} is {theirs.get(key)!r}, "
                              f"this run's is {mine[key]!r}; offline teachers must be the same "

@@ -208,6 +208,13 @@ class Method(nn.Module, abc.ABC):
         model = self.cfg.model
         return build_network(model.kind, in_channels, model.n_classes, model.effective_widths)
 
+    def _student_network(self, in_channels: int) -> nn.Module:
+        """The student: ``model.student_widths`` when set (a compact student), else as
+        :meth:`_network`."""
+        model = self.cfg.model
+        return build_network(model.kind, in_channels, model.n_classes,
+                             model.effective_student_widths)
+
     # -- step helpers
 
     def _unpack(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,7 @@ class Baseline(Method):
 
     def __init__(self, cfg: RunConfig, channels: Sequence[str]) -> None:
         super().__init__(cfg, channels)
-        self.student = self._network(len(cfg.method.student_modalities))
+        self.student = self._student_network(len(cfg.method.student_modalities))
 
     def compute_terms(
         self, batch: Mapping[str, Any], epoch: int

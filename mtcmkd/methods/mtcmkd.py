@@ -90,7 +90,7 @@ class MTCMKD(Method):
             channels=cfg.model.effective_widths[1],
             n_classes=self.n_classes,
         )
-        self.student = self._network(1)
+        self.student = self._student_network(1)
         n = len(self.teacher_modalities)
         # Teacher weights for the current epoch; equal until the first end_epoch.
         self.register_buffer("alpha", torch.full((n,), options.kd_total_weight / n))

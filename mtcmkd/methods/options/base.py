@@ -35,6 +35,8 @@ class MethodOptions(Section):
         separate_teachers: True when the teachers are networks of their own, which can be
             loaded frozen from another run (``method.teachers_from``); False for a method
             whose "teacher" is the student's own pass (mdsd).
+        compact_student: True when the student may have widths of its own
+            (``model.student_widths``): its losses never compare student and teacher features.
     """
 
     _path: ClassVar[str] = "method"  # flat under method: (method.kd_temperature, ...)
@@ -42,6 +44,7 @@ class MethodOptions(Section):
     student_count: ClassVar[tuple[int, int]] = (1, 1)
     has_teachers: ClassVar[bool] = True
     separate_teachers: ClassVar[bool] = True
+    compact_student: ClassVar[bool] = False
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -18,5 +18,6 @@ class BaselineOptions(MethodOptions):
     """The baseline has no options of its own and no teachers."""
 
     name: ClassVar[str] = "baseline"
+    compact_student: ClassVar[bool] = True  # the student is the only network
     student_count: ClassVar[tuple[int, int]] = (1, 4)
     has_teachers: ClassVar[bool] = False

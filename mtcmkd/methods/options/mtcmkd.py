@@ -22,6 +22,7 @@ class MTCMKDOptions(MethodOptions):
     """MTCM-KD's loss weights, KD scaling and teacher-performance measure."""
 
     name: ClassVar[str] = "mtcmkd"
+    compact_student: ClassVar[bool] = True  # KD on logits only: any student width
 
     preset: Literal["default", "paper"] = "default"
     """KD scaling: "default" = voxel mean x T^2; "paper" = the authors' code (sum over

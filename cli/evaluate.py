@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .console import console, err_console, failer
-from .predict import resolve_device
+from .predict import describe_inference, inference_settings, resolve_device
 
 fail = failer("evaluate")
 
@@ -54,8 +54,22 @@ def evaluate(
                                  "scoring (off by default; reported in the outputs).")] = None,
     mirror: Annotated[bool, typer.Option(
         "--mirror", help="With --run: test-time flips (8x slower).")] = False,
-    overlap: Annotated[float, typer.Option(
-        help="With --run: sliding-window overlap in [0, 1).")] = 0.5,
+    overlap: Annotated[float | None, typer.Option(
+        help="With --run: sliding-window overlap in [0, 1).", show_default="0.5")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="With --run: auto (bf16 on a CPU with native bf16, else fp32), fp32 or bf16. "
+             "The default is the reference, so scores stay comparable across runs.",
+        show_default="fp32")] = None,
+    layout: Annotated[str | None, typer.Option(
+        help="With --run: windows (sliding windows of the training patch) or box (one pass "
+             "over the brain box).", show_default="windows")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads (torch.set_num_threads).",
+        show_default="OMP_NUM_THREADS, else the cores this process may use")] = None,
+    reference: Annotated[bool, typer.Option(
+        "--reference", help="With --run: the reference inference (fp32, windows, overlap 0.5, "
+                            "no mirrors; the default today), whatever the defaults become.")
+    ] = False,
     device: Annotated[str, typer.Option(help="With --run: auto, cpu, cuda or cuda:N.")] = "auto",
     missing: Annotated[str, typer.Option(
         help="With --pred: a ground-truth case without a prediction file is an error (error), "
@@ -98,14 +112,20 @@ def evaluate(
     if pred is not None and gt is None:
         fail("--pred needs --gt RAW_DIR (the ground truth in the release's layout)")
     unpredicted: list[str] = []
+    how: str | None = None  # the inference, as run (--run)
     if run is None and (store is not None or split != "test" or allow_changed_store):
         fail("--store, --split and --allow-changed-store go with --run")
     if missing not in MISSING_POLICIES:
         fail(f"--missing {missing!r}: expected one of {', '.join(MISSING_POLICIES)}")
     if run is not None and missing != "error":
         fail("--missing goes with --pred (--run scores every held-out case of the store)")
-    if not 0.0 <= overlap < 1.0:
-        fail(f"--overlap must be in [0, 1) (got {overlap})")
+    if run is None and (precision is not None or layout is not None or reference):
+        fail("--precision, --layout and --reference go with --run")
+    from mtcmkd.inference import InferenceSettings, apply_threads, resolve_precision
+
+    inference = inference_settings(fail, reference=reference, precision=precision,
+                                   layout=layout, overlap=overlap, mirror=mirror,
+                                   threads=threads, defaults=InferenceSettings.reference())
     try:
         settings = EvaluationSettings(year, postprocess_et, legacy_slice_dice,
                                       subchallenge=subchallenge or "GLI")
@@ -130,17 +150,22 @@ def evaluate(
             for note in inputs.notes:
                 err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
             dev = resolve_device(device)
-            inputs.bundle.network.to(dev)
+            n_threads = apply_threads(threads)
+            precision_used = resolve_precision(inference.precision, dev)
             n_cases = len(inputs.case_ids)
             cases = store_scoring_cases(inputs.bundle, inputs.store, inputs.case_ids,
-                                        overlap=overlap, mirror=mirror, device=dev,
+                                        settings=inference, device=dev,
                                         with_image=png is not None)
+            how = describe_inference(inference, precision_used, n_threads)
             source: dict[str, Any] = {
                 "mode": "run", "run": str(run), "model": str(inputs.student_path),
                 "config_hash": inputs.bundle.meta.get("config_hash"),
                 "channels": list(inputs.bundle.channels), "store": str(inputs.store),
                 "fold": inputs.fold, "split": inputs.split, "split_note": inputs.split_note,
-                "mirror": mirror, "overlap": overlap,
+                "mirror": inference.mirror, "overlap": inference.overlap,
+                "precision": inference.precision, "precision_used": precision_used,
+                "layout": inference.layout, "threads": n_threads,
+                "reference": inference.is_reference,
                 "space": "native (store crops put back on the original grid)",
                 "split_recorded": inputs.split_recorded, "store_check": inputs.store_check,
                 "notes": inputs.notes,
@@ -179,6 +204,8 @@ def evaluate(
 
     json_path, csv_path = write_metrics(evaluation, out_dir)
     _print_split(evaluation)
+    if how is not None:
+        console.print(f"inference: {escape(how)}", soft_wrap=True)
     _print_tables(evaluation)
     console.print(f"wrote {json_path} and {csv_path}", soft_wrap=True)
     if unpredicted:

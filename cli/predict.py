@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -19,6 +20,7 @@ fail = failer("predict")
 
 if TYPE_CHECKING:
     from mtcmkd.evaluation import CaseFailure, CasePrediction, PredictionInput
+    from mtcmkd.inference import InferenceSettings
 
 
 def resolve_device(device: str) -> str:
@@ -30,6 +32,52 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {device}: no CUDA device is visible")
     return device
+
+
+def inference_settings(command_fail: Callable[[str], NoReturn], *, reference: bool,
+                       precision: str | None, layout: str | None, overlap: float | None,
+                       mirror: bool, threads: int | None,
+                       defaults: InferenceSettings | None = None) -> InferenceSettings:
+    """The command's inference options -> :class:`~mtcmkd.inference.InferenceSettings`, checked.
+
+    Options left out take `defaults` (predict's: ``PREDICT_DEFAULTS``). ``--reference`` is the
+    reference result whatever the defaults are, so it refuses options that would change it.
+    """
+    from mtcmkd.inference import LAYOUTS, PRECISIONS, PREDICT_DEFAULTS, InferenceSettings
+
+    if threads is not None and threads < 1:
+        command_fail(f"--threads must be >= 1 (got {threads})")
+    if precision is not None and precision not in PRECISIONS:
+        command_fail(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if layout is not None and layout not in LAYOUTS:
+        command_fail(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if overlap is not None and not 0.0 <= overlap < 1.0:
+        command_fail(f"--overlap must be in [0, 1) (got {overlap})")
+    if reference:
+        given = [name for name, value in (("--precision", precision), ("--layout", layout),
+                                          ("--overlap", overlap)) if value is not None]
+        given += ["--mirror"] if mirror else []
+        if given:
+            command_fail(f"--reference fixes the inference (fp32, the patch's windows, overlap "
+                         f"0.5, Gaussian blending, no mirrors); drop {', '.join(given)}")
+        return InferenceSettings.reference()
+    base = defaults if defaults is not None else PREDICT_DEFAULTS
+    return base.with_(precision=precision if precision is not None else base.precision,
+                      layout=layout if layout is not None else base.layout,
+                      overlap=overlap if overlap is not None else base.overlap,
+                      mirror=mirror or base.mirror)
+
+
+def describe_inference(settings: InferenceSettings, precision_used: str, threads: int) -> str:
+    """One line for the summary: what the inference ran as."""
+    if settings.is_reference:
+        what = "reference (fp32, windows, overlap 0.5)"
+    else:
+        asked = "" if settings.precision == precision_used else f" ({settings.precision})"
+        what = (f"{precision_used}{asked}, {settings.layout}"
+                + (f", overlap {settings.overlap}" if settings.layout == "windows" else "")
+                + (", mirror" if settings.mirror else ""))
+    return f"{what}, {threads} thread(s)"
 
 
 def predict(
@@ -45,8 +93,25 @@ def predict(
     mirror: Annotated[bool, typer.Option(
         "--mirror", help="Test-time augmentation: average over the 8 axis flips (8x slower).")
     ] = False,
-    overlap: Annotated[float, typer.Option(
-        help="Overlap of neighbouring sliding windows, in [0, 1).")] = 0.5,
+    overlap: Annotated[float | None, typer.Option(
+        help="Overlap of neighbouring sliding windows, in [0, 1) (layout windows).",
+        show_default="0.5")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="auto: bf16 (autocast, channels-last weights) on a CPU with native bf16 "
+             "(AVX512-BF16 or AMX), fp32 on other CPUs and on GPUs; fp32; bf16. bf16 labels "
+             "may differ from fp32 on a few voxels near class boundaries.", show_default="auto")] = None,
+    layout: Annotated[str | None, typer.Option(
+        help="windows: Gaussian-blended sliding windows of the training patch; box: one pass "
+             "over the brain box padded to the network's stride (fewer voxels computed; "
+             "normalisation statistics then span the box, not a patch).", show_default="windows")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads (torch.set_num_threads).",
+        show_default="OMP_NUM_THREADS, else the cores this process may use")] = None,
+    reference: Annotated[bool, typer.Option(
+        "--reference", help="The reference result, whatever the defaults: fp32, windows of "
+                            "the training patch, overlap 0.5, Gaussian blending, no mirrors "
+                            "(bit for bit at the same thread count). Use it to check the "
+                            "fast path.")] = False,
     postprocess_et: Annotated[int | None, typer.Option(
         "--postprocess-et", help="Relabel a predicted ET of fewer voxels than this as NCR "
                                  "(off by default; 500 is common).")] = None,
@@ -59,6 +124,10 @@ def predict(
     """Segment every case with the student (T1ce only): labels in the release's values, the
     input's affine and header, one file per case, written atomically.
 
+    Every case runs through mtcmkd's one inference pipeline (brain box, z-score, sliding
+    windows or one pass over the box, labels). By default a CPU with native bf16 runs it in
+    bf16 (--precision auto); --reference reproduces the float32 reference result exactly.
+
     A bad case (unreadable, wrong dimensionality, missing the student's modality, a file named
     as another modality) does not stop the others: each failure is one line naming the file,
     and the command ends with exit code 1 after segmenting every good case. Every entry of the
@@ -66,8 +135,8 @@ def predict(
     every case, failure and entry not taken. Bad options, model or output folder stop the
     command at once with one line (exit 2); no file is ever left half written.
     """
-    if not 0.0 <= overlap < 1.0:
-        fail(f"--overlap must be in [0, 1) (got {overlap})")
+    settings = inference_settings(fail, reference=reference, precision=precision, layout=layout,
+                                  overlap=overlap, mirror=mirror, threads=threads)
     if postprocess_et is not None and postprocess_et < 1:
         fail(f"--postprocess-et must be >= 1 voxel (got {postprocess_et})")
     from mtcmkd.evaluation import (
@@ -78,8 +147,10 @@ def predict(
         check_prediction_input,
         discover_prediction_inputs,
         predict_case,
+        student_pipeline,
         write_prediction,
     )
+    from mtcmkd.inference import apply_threads, resolve_precision
     from mtcmkd.integrity import CheckpointError
     from mtcmkd.student_weights import load_student, resolve_student_path
 
@@ -95,7 +166,9 @@ def predict(
     except (FileNotFoundError, ValueError, CheckpointError) as exc:
         fail(str(exc))
     dev = resolve_device(device)
-    bundle.network.to(dev)
+    n_threads = apply_threads(threads)
+    precision_used = resolve_precision(settings.precision, dev)
+    pipeline = student_pipeline(bundle, settings, device=dev)
     try:
         found = discover_prediction_inputs(input_, bundle.channels, year)
     except (EvaluationError, InputError) as exc:
@@ -130,8 +203,8 @@ def predict(
         for item in inputs:
             progress.update(task, description=item.case_id)
             try:
-                result = predict_case(bundle, item, overlap=overlap, mirror=mirror,
-                                      postprocess_et=postprocess_et, device=dev)
+                result = predict_case(bundle, item, pipeline=pipeline,
+                                      postprocess_et=postprocess_et)
                 out = write_prediction(result.labels, item, output)
                 if png is not None:
                     _overlay(item, result, png)
@@ -165,8 +238,10 @@ def predict(
             else f"ET < {postprocess_et} voxels relabelled as NCR")
     report = {
         "model": str(student_path), "input": str(input_), "output": str(output),
-        "channels": list(bundle.channels), "device": dev, "mirror": mirror, "overlap": overlap,
-        "postprocess_et": postprocess_et,
+        "channels": list(bundle.channels), "device": dev, "mirror": settings.mirror,
+        "overlap": settings.overlap, "precision": settings.precision,
+        "precision_used": precision_used, "layout": settings.layout, "threads": n_threads,
+        "reference": settings.is_reference, "postprocess_et": postprocess_et,
         "n_cases": len(found.cases) + len(found.failed), "n_written": len(written),
         "n_failed": len(failures), "n_not_taken": len(found.not_taken),
         "cases": sorted(written + [{"case": f.case_id, "status": "failed", "file": str(f.path),
@@ -176,9 +251,9 @@ def predict(
     }
     report_path = _write_report(output, report)
     console.print(f"{len(rows)} case(s) written, {len(failures)} failed, "
-                  f"{len(found.not_taken)} entries not taken; mirror {'on' if mirror else 'off'}, "
-                  f"overlap {overlap}, ET post-processing {post}; report: {report_path}",
-                  soft_wrap=True)
+                  f"{len(found.not_taken)} entries not taken; inference "
+                  f"{describe_inference(settings, precision_used, n_threads)}, "
+                  f"ET post-processing {post}; report: {report_path}", soft_wrap=True)
     if failures:
         err_console.print(f"[bold red]{len(failures)} case(s) failed[/]; report: "
                           f"{escape(str(report_path))}", soft_wrap=True)

@@ -1,7 +1,8 @@
 """The whole inference of a student as one TorchScript file, for Python and C++ without mtcmkd.
 
-The exported module reproduces :func:`mtcmkd.inference.predict_volume` step by step, so a
-deployment gives the labels the evaluation measured:
+The exported module is :class:`mtcmkd.inference.InferencePipeline` itself, scripted: the one
+pipeline `predict` and `evaluate` run, in its float32 reference settings, so a deployment gives
+the labels the evaluation measured:
 
     raw volume (1, C, D, H, W), voxel order of the NIfTI file, not normalised
       -> brain bounding box (voxels non-zero in any channel); outside it: background
@@ -35,16 +36,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 from mtcmkd import __version__
 from mtcmkd.atomic import atomic_output
 from mtcmkd.brats import CANONICAL_LABELS, REGIONS, release
 from mtcmkd.inference import (
-    BrainZScore,
-    SlidingWindow,
+    InferencePipeline,
+    InferenceSettings,
+    build_pipeline,
     predict_volume,
-    probabilities_to_labels,
     to_release_labels,
 )
 from mtcmkd.integrity import WEIGHTS_DIGEST_KEY, warn_unverified, weights_digest
@@ -120,97 +120,6 @@ def label_lookup(labels: str | int, output: str, n_classes: int) -> list[int]:
     return [int(v) for v in values]
 
 
-class InferencePipeline(nn.Module):
-    """Raw volume -> release labels (``forward``) or WT/TC/ET probabilities (``probabilities``).
-
-    Built by :func:`build_inference_module`; compiles with ``torch.jit.script``. Every
-    size-dependent step (brain box, padding, window positions) runs inside the methods, so one
-    file serves every volume size.
-
-    Args:
-        network: patch network, eval mode, (B, C, *patch) -> logits (B, n_classes, *patch).
-        patch_size, n_classes, output, overlap, sigma_scale, mirror: as
-            :class:`~mtcmkd.inference.SlidingWindow`.
-        label_values: release value of each canonical label (:func:`label_lookup`).
-        n_channels: input modalities (1 for a T1ce student).
-        label_convention: release name, kept as an attribute so C++ can print it.
-    """
-
-    def __init__(self, network: nn.Module, patch_size: Sequence[int], n_classes: int, output: str,
-                 label_values: Sequence[int], *, overlap: float = 0.5, sigma_scale: float = 0.125,
-                 mirror: bool = False, n_channels: int = 1, label_convention: str = "2021"
-                 ) -> None:
-        super().__init__()
-        self.normalize = BrainZScore()
-        self.window = SlidingWindow(network, patch_size, n_classes, overlap=overlap,
-                                    sigma_scale=sigma_scale, output=output, mirror=mirror)
-        self.output: str = output
-        self.sigmoid: bool = output == "regions"
-        self.n_channels: int = int(n_channels)
-        self.label_convention: str = str(label_convention)
-        self.register_buffer("label_lut", torch.tensor(list(label_values), dtype=torch.uint8))
-
-    def _checked(self, x: Tensor) -> Tensor:
-        if x.dim() != 5 or x.size(0) != 1 or x.size(1) != self.n_channels:
-            raise ValueError("expected one raw volume of shape (1, " + str(self.n_channels)
-                             + ", D, H, W), got " + str(list(x.shape)))
-        x = x.to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("the volume holds NaN or infinite values")
-        return x
-
-    def _brain_box(self, x: Tensor) -> list[int]:
-        """[d0, d1, h0, h1, w0, w1]: half-open box of voxels non-zero in any channel."""
-        brain = (x[0] != 0).any(dim=0)
-        profiles = [brain.any(dim=2).any(dim=1), brain.any(dim=2).any(dim=0),
-                    brain.any(dim=1).any(dim=0)]
-        box: list[int] = []
-        for profile in profiles:
-            index = torch.nonzero(profile).flatten()
-            if index.numel() == 0:
-                raise ValueError("the image is all zero: no brain voxels to segment")
-            box.append(int(index[0]))
-            box.append(int(index[-1]) + 1)
-        return box
-
-    def _crop_probabilities(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        """Network probabilities (n_classes, d, h, w) on the brain box, and the box."""
-        box = self._brain_box(x)
-        # contiguous() like predict_volume's numpy crop: the same memory layout gives the same
-        # reduction order in the z-score, hence bit-identical inputs to the network.
-        crop = x[:, :, box[0]:box[1], box[2]:box[3], box[4]:box[5]].contiguous()
-        return self.window(self.normalize(crop))[0], box
-
-    def _regions(self, probs: Tensor) -> Tensor:
-        if self.sigmoid:
-            return probs
-        return torch.stack([probs[1] + probs[2] + probs[3], probs[1] + probs[3], probs[3]])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Raw (1, C, D, H, W) -> uint8 labels (1, D, H, W) in the export's label convention."""
-        x = self._checked(x)
-        with torch.no_grad():
-            probs, box = self._crop_probabilities(x)
-            canonical = probabilities_to_labels(probs, self.output)
-            labels = torch.zeros([1, x.size(2), x.size(3), x.size(4)], dtype=torch.uint8,
-                                 device=x.device)
-            labels[0, box[0]:box[1], box[2]:box[3], box[4]:box[5]] = \
-                self.label_lut[canonical.long()]
-        return labels
-
-    @torch.jit.export
-    def probabilities(self, x: Tensor) -> Tensor:
-        """Raw (1, C, D, H, W) -> WT, TC, ET probabilities (1, 3, D, H, W) float32, 0 outside
-        the brain box."""
-        x = self._checked(x)
-        with torch.no_grad():
-            probs, box = self._crop_probabilities(x)
-            out = torch.zeros([1, 3, x.size(2), x.size(3), x.size(4)], dtype=torch.float32,
-                              device=x.device)
-            out[0, :, box[0]:box[1], box[2]:box[3], box[4]:box[5]] = self._regions(probs)
-        return out
-
-
 def build_inference_module(bundle: StudentBundle, labels: str | int = "2021",
                            overlap: float = 0.5, *, mirror: bool = False,
                            sigma_scale: float = 0.125) -> InferencePipeline:
@@ -223,10 +132,13 @@ def build_inference_module(bundle: StudentBundle, labels: str | int = "2021",
     if not 0.0 <= overlap < 1.0:
         raise ExportError(f"--overlap must be in [0, 1), got {overlap}")
     lut = label_lookup(labels, bundle.output, bundle.n_classes)
-    return InferencePipeline(frozen_network(bundle), bundle.patch_size, bundle.n_classes,
-                             bundle.output, lut, overlap=overlap, sigma_scale=sigma_scale,
-                             mirror=mirror, n_channels=len(bundle.channels),
-                             label_convention=release(labels).name).eval()
+    # The reference settings (float32, windows) at the chosen overlap: TorchScript runs
+    # float32 only, and C++ users get what `--reference` computes.
+    settings = InferenceSettings(overlap=overlap, sigma_scale=sigma_scale, mirror=mirror)
+    return build_pipeline(frozen_network(bundle), bundle.patch_size, bundle.n_classes,
+                          bundle.output, settings, device="cpu",
+                          n_channels=len(bundle.channels), label_values=lut,
+                          label_convention=release(labels).name)
 
 
 def export_metadata(bundle: StudentBundle, labels: str | int, overlap: float, *,

@@ -22,7 +22,7 @@ from mtcmkd.config import RunConfig, TrainConfig
 from mtcmkd.data import open_store
 from mtcmkd.engine.dist import DistInfo, all_reduce
 from mtcmkd.engine.state import LoopState
-from mtcmkd.inference import SlidingWindow, probabilities_to_labels
+from mtcmkd.inference import InferencePipeline
 from mtcmkd.metrics import score_case
 
 #: The regions whose mean Dice selects the best student, in log order: WT, TC, ET.
@@ -33,10 +33,12 @@ SELECTION_REGIONS: tuple[str, ...] = tuple(REGIONS)
 def validate(method: Any, cfg: RunConfig, val_ids: list[str], dist: DistInfo) -> dict[str, float]:
     """Mean BraTS Dice (WT/TC/ET) of the student on the held-out cases, full volumes.
 
-    Sliding-window inference on the cropped store volumes (model selection only; the reported
-    metrics come from `mtcmkd evaluate` in native space). Cases are split over ranks and the
-    sums all-reduced, so every rank gets the same numbers. With no case on any rank the means
-    are 0.
+    The one inference pipeline (:class:`~mtcmkd.inference.InferencePipeline`) on the store's
+    crops as they are (already cropped and z-scored: no crop, no normalisation), windows of the
+    training patch, overlap 0.5, in the network's own dtype (bf16 weights under DeepSpeed's
+    bf16 mode); model selection only: the reported metrics come from `mtcmkd evaluate` in
+    native space. Cases are split over ranks and the sums all-reduced, so every rank gets the
+    same numbers. With no case on any rank the means are 0.
     """
     t = cfg.train
     ids = val_ids if t.val_cases is None else val_ids[: t.val_cases]
@@ -45,16 +47,16 @@ def validate(method: Any, cfg: RunConfig, val_ids: list[str], dist: DistInfo) ->
     student = method.student_network()
     was_training = student.training
     student.eval()
-    window = SlidingWindow(student, tuple(cfg.data.patch_size), cfg.model.n_classes,
-                           overlap=0.5, output=cfg.model.output)
     idx = [channels.index(c) for c in method.student_channels()]
+    param = next(student.parameters())
+    pipeline = InferencePipeline(student, tuple(cfg.data.patch_size), cfg.model.n_classes,
+                                 cfg.model.output, n_channels=len(idx), overlap=0.5,
+                                 normalize=False, crop=False, input_dtype=param.dtype)
     sums = torch.zeros(3, dtype=torch.float64)
     for cid in ids[dist.rank::dist.world_size]:
         g = root["cases"][cid]
         image = torch.from_numpy(np.asarray(g["image"][idx], dtype=np.float32))[None]
-        param = next(student.parameters())
-        probs = window(image.to(device=param.device, dtype=param.dtype))
-        pred = probabilities_to_labels(probs[0], cfg.model.output).cpu().numpy()
+        pred = pipeline(image.to(device=param.device))[0].cpu().numpy()
         scores = score_case(pred, np.asarray(g["label"][...]), tuple(g.attrs["spacing"]))
         sums += torch.tensor([scores["dice"][r] for r in SELECTION_REGIONS], dtype=torch.float64)
     count = torch.tensor([float(len(ids[dist.rank::dist.world_size]))], dtype=torch.float64)

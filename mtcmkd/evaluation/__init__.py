@@ -8,7 +8,8 @@ One module per concern; the thin CLI strings them together:
 - :mod:`.case_files`: reading one case's files, checked (:func:`check_prediction_input`,
   :func:`load_prediction_input`, :func:`load_truth`).
 - :mod:`.prediction`: segment one case and write it in the release's label values with the
-  source header (:func:`predict_case`, :func:`write_prediction`).
+  source header through the one inference pipeline (:func:`student_pipeline`,
+  :func:`predict_case`, :func:`write_prediction`).
 - :mod:`.rules`: how cases are scored (:class:`EvaluationSettings`, :func:`score_case_record`:
   legacy BraTS per-case rules, 2023+ lesion-wise rules, the authors' slice Dice, labelled).
 - :mod:`.records`: the scored cases and their files (:func:`score_predictions`,
@@ -38,7 +39,12 @@ from mtcmkd.evaluation.case_files import (
     load_truth,
 )
 from mtcmkd.evaluation.errors import EvaluationError, InputError
-from mtcmkd.evaluation.prediction import CasePrediction, predict_case, write_prediction
+from mtcmkd.evaluation.prediction import (
+    CasePrediction,
+    predict_case,
+    student_pipeline,
+    write_prediction,
+)
 from mtcmkd.evaluation.prediction_inputs import (
     CaseFailure,
     NotTaken,
@@ -125,6 +131,7 @@ __all__ = [
     "score_case_record",
     "score_predictions",
     "store_scoring_cases",
+    "student_pipeline",
     "write_metrics",
     "write_prediction",
 ]

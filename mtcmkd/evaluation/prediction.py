@@ -1,9 +1,10 @@
 """Segment one case from its files, and write the result as the release would.
 
-:func:`predict_case` reads the student's channels (:mod:`.case_files`) and runs the library's
-whole-volume inference (:func:`mtcmkd.inference.predict_volume`: brain crop, z-score, sliding
-window, uncrop); nothing here re-implements inference. :func:`write_prediction` writes the
-labels in the release's values with the input's affine and header.
+:func:`predict_case` reads the student's channels (:mod:`.case_files`) and runs the one
+inference pipeline (:func:`student_pipeline`, an :class:`mtcmkd.inference.InferencePipeline`:
+brain crop, z-score, windows or box, labels on the full grid); nothing here re-implements
+inference. :func:`write_prediction` writes the labels in the release's values with the input's
+affine and header.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ import torch
 from mtcmkd.evaluation.case_files import LoadedInput, load_prediction_input
 from mtcmkd.evaluation.prediction_inputs import PredictionInput
 from mtcmkd.evaluation.rules import postprocess_labels
-from mtcmkd.inference import predict_volume, to_release_labels
+from mtcmkd.inference import (
+    InferencePipeline,
+    InferenceSettings,
+    build_pipeline,
+    segment_volume,
+    to_release_labels,
+)
 from mtcmkd.nifti_io import InputError, write_label_nifti
 from mtcmkd.student_weights import StudentBundle
 
-__all__ = ["CasePrediction", "predict_case", "write_prediction"]
+__all__ = ["CasePrediction", "predict_case", "student_pipeline", "write_prediction"]
 
 
 @dataclass
@@ -42,23 +49,49 @@ class CasePrediction:
     seconds: float
 
 
-def predict_case(bundle: StudentBundle, item: PredictionInput, *, overlap: float = 0.5,
-                 mirror: bool = False, postprocess_et: int | None = None,
+def student_pipeline(bundle: StudentBundle, settings: InferenceSettings | None = None, *,
+                     device: torch.device | str | None = None,
+                     normalize: bool = True) -> InferencePipeline:
+    """The student's inference pipeline for `settings` (default: the reference) on `device`.
+
+    The network is moved to `device` (default: where it is) and, for the bf16 CPU path, its
+    weights made channels-last (values unchanged). Build it once and reuse it for every case.
+
+    Args:
+        normalize: z-score the brain box (raw inputs); off for store crops, already z-scored.
+    """
+    if device is not None:
+        bundle.network.to(device)
+    first = next(bundle.network.parameters(), None)
+    where = first.device if first is not None else torch.device("cpu")
+    return build_pipeline(bundle.network, bundle.patch_size, bundle.n_classes, bundle.output,
+                          settings, device=where, n_channels=len(bundle.channels),
+                          normalize=normalize).to(where)
+
+
+def predict_case(bundle: StudentBundle, item: PredictionInput, *,
+                 pipeline: InferencePipeline | None = None,
+                 settings: InferenceSettings | None = None, postprocess_et: int | None = None,
                  device: torch.device | str | None = None) -> CasePrediction:
-    """Segment one case from its raw files (brain crop, z-score, sliding window, uncrop).
+    """Segment one case from its raw files (brain crop, z-score, windows or box, uncrop).
 
     The same normalisation as preprocessing: each channel z-scored on its non-zero voxels of the
-    brain crop (:func:`mtcmkd.inference.predict_volume`). Nothing is written.
+    brain crop. Nothing is written.
+
+    Args:
+        pipeline: the student's pipeline (:func:`student_pipeline`); built from `settings` and
+            `device` when not given.
 
     Raises:
         InputError: a bad file (see :func:`load_prediction_input`), or a brain of constant
             intensity that cannot be normalised.
     """
     start = time.perf_counter()
+    if pipeline is None:
+        pipeline = student_pipeline(bundle, settings, device=device)
     loaded = load_prediction_input(item)
     try:
-        result = predict_volume(bundle.network, loaded.image, bundle.patch_size, bundle.n_classes,
-                                bundle.output, overlap=overlap, mirror=mirror, device=device)
+        result = segment_volume(pipeline, loaded.image)
     except ValueError as exc:  # all-zero or constant brain
         raise InputError(item.reference, str(exc)) from None
     labels, relabelled = postprocess_labels(result.labels, postprocess_et)

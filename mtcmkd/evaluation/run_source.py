@@ -24,8 +24,9 @@ from mtcmkd.config import ConfigError, load_config
 from mtcmkd.data import StoreFormatError, StoreInfo, open_store, split_cases
 from mtcmkd.data.store import check_store_complete, store_fingerprint
 from mtcmkd.evaluation.errors import EvaluationError
+from mtcmkd.evaluation.prediction import student_pipeline
 from mtcmkd.evaluation.rules import ScoringCase
-from mtcmkd.inference import predict_volume, uncrop
+from mtcmkd.inference import InferenceSettings, segment_volume, uncrop
 from mtcmkd.integrity import CheckpointError
 from mtcmkd.nifti_io import InputError
 from mtcmkd.student_weights import StudentBundle, load_student, resolve_student_path
@@ -302,19 +303,22 @@ def run_evaluation_inputs(run_dir: Path, store: Path | None = None, split: str =
 
 
 def store_scoring_cases(bundle: StudentBundle, store: Path, case_ids: Sequence[str], *,
-                        overlap: float = 0.5, mirror: bool = False,
+                        settings: InferenceSettings | None = None,
                         device: torch.device | str | None = None,
                         with_image: bool = False) -> Iterator[ScoringCase]:
     """Predict store cases and put prediction and truth back on the original grid.
 
     The store holds brain-cropped, z-scored images (docs/STORE.md); the prediction runs on the
-    crop without renormalising (it is already z-scored as the student was trained), and both
-    prediction and truth are uncropped with the case's ``crop_bbox`` to ``original_shape``, so
-    scores count every voxel of the source volume as BraTS does (specificity included).
+    brain box of the student's channels inside the crop without renormalising (it is already
+    z-scored as the student was trained), through the one inference pipeline with `settings`
+    (default: the reference, :meth:`InferenceSettings.reference`), and both prediction and
+    truth are uncropped with the case's ``crop_bbox`` to ``original_shape``, so scores count
+    every voxel of the source volume as BraTS does (specificity included).
     """
     root = open_store(store)
     channels = list(root.attrs["channels"])
     index = [channels.index(c) for c in bundle.channels]
+    pipeline = student_pipeline(bundle, settings, device=device, normalize=False)
     for case_id in case_ids:
         group = root["cases"][case_id]
         if "label" not in group:
@@ -322,9 +326,7 @@ def store_scoring_cases(bundle: StudentBundle, store: Path, case_ids: Sequence[s
         attrs = group.attrs
         bbox, shape = attrs["crop_bbox"], attrs["original_shape"]
         image = np.asarray(group["image"][index], dtype=np.float32)
-        result = predict_volume(bundle.network, image, bundle.patch_size, bundle.n_classes,
-                                bundle.output, overlap=overlap, mirror=mirror, normalize=False,
-                                device=device)
+        result = segment_volume(pipeline, image)
         yield ScoringCase(
             case_id=case_id,
             prediction=uncrop(result.labels, bbox, shape),

@@ -1,4 +1,8 @@
-"""One call from raw image channels to a full-volume label map (library convenience)."""
+"""Numpy in, numpy out: the adapter between image arrays and :class:`InferencePipeline`.
+
+:func:`segment_volume` runs a built pipeline on one (C, D, H, W) array; :func:`predict_volume`
+builds the pipeline for a network and runs it (one call, for library users and tests).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtcmkd.inference.labels import probabilities_to_labels
-from mtcmkd.inference.native import uncrop
-from mtcmkd.inference.normalization import BrainZScore
-from mtcmkd.inference.sliding_window import SlidingWindow
+from mtcmkd.inference.pipeline import InferencePipeline, build_pipeline
+from mtcmkd.inference.settings import InferenceSettings
 
-__all__ = ["VolumePrediction", "brain_bbox", "predict_volume"]
+__all__ = ["VolumePrediction", "brain_bbox", "predict_volume", "segment_volume"]
 
 
 @dataclass(frozen=True)
 class VolumePrediction:
-    """Result of :func:`predict_volume`.
+    """Result of :func:`predict_volume` and :func:`segment_volume`.
 
     Attributes:
-        labels: (D, H, W) uint8 canonical labels on the full input grid (0 outside the brain).
+        labels: (D, H, W) uint8 labels on the full input grid (0 outside the brain): canonical,
+            or the pipeline's ``label_values``.
         probabilities: (n_classes, d, h, w) float32 probabilities on the brain crop only.
         bbox: ``[[lo, hi], [lo, hi], [lo, hi]]`` half-open crop of `probabilities` in the
             full volume.
@@ -49,6 +52,27 @@ def brain_bbox(image_channels: np.ndarray) -> list[list[int]]:
     return bbox
 
 
+def segment_volume(pipeline: InferencePipeline, image_channels: np.ndarray) -> VolumePrediction:
+    """Run `pipeline` on one (C, D, H, W) array on the pipeline's device; results on the host.
+
+    Raises:
+        ValueError: not (C, D, H, W), or what the pipeline refuses (wrong channel count,
+            NaN/inf, an all-zero image, a constant brain).
+    """
+    image = np.asarray(image_channels)
+    if image.ndim != 4:
+        raise ValueError(f"image_channels must be (channels, D, H, W), got shape {image.shape}")
+    lut = pipeline.label_lut
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(lut.device)
+    with torch.inference_mode():
+        labels, probs, box = pipeline.segment(x)
+    return VolumePrediction(
+        labels=labels[0].cpu().numpy(),
+        probabilities=probs[0].cpu().numpy(),
+        bbox=[[box[0], box[1]], [box[2], box[3]], [box[4], box[5]]],
+    )
+
+
 def predict_volume(
     network: nn.Module,
     image_channels: np.ndarray,
@@ -62,11 +86,18 @@ def predict_volume(
     window_batch: int = 1,
     normalize: bool = True,
     device: torch.device | str | None = None,
+    precision: str = "fp32",
+    layout: str = "windows",
 ) -> VolumePrediction:
-    """Segment one case: brain crop -> z-score -> sliding window -> labels on the full grid.
+    """Segment one case: brain crop -> z-score -> windows (or box) -> labels on the full grid.
+
+    Builds an :class:`InferencePipeline` (:func:`build_pipeline`) and runs it
+    (:func:`segment_volume`). The defaults are the reference result
+    (:meth:`InferenceSettings.reference`).
 
     Args:
-        network: patch network (B, C, *patch) -> logits (B, n_classes, *patch); set to eval mode.
+        network: patch network (B, C, *patch) -> logits (B, n_classes, *patch); set to eval mode
+            and moved to `device`.
         image_channels: (C, D, H, W) float32 intensities on the native grid, channels in the
             order the network was trained with (e.g. just ``t1ce`` for the student). Raw values
             or values already z-scored on the brain (z-scoring is then a no-op).
@@ -75,6 +106,7 @@ def predict_volume(
         normalize: z-score each channel on its non-zero voxels of the crop, as preprocessing does
             (:class:`BrainZScore`); turn off only for inputs normalised some other way.
         device: where to run; default: the network's parameters' device (CPU without any).
+        precision, layout: as :class:`InferenceSettings` ("auto" resolved for `device`).
 
     Returns:
         :class:`VolumePrediction` with canonical labels for the full volume (see
@@ -87,22 +119,11 @@ def predict_volume(
     image = np.asarray(image_channels)
     if image.ndim != 4:
         raise ValueError(f"image_channels must be (channels, D, H, W), got shape {image.shape}")
-    bbox = brain_bbox(image)
-    crop = image[(slice(None), *(slice(lo, hi) for lo, hi in bbox))]
+    settings = InferenceSettings(precision=precision, layout=layout, overlap=overlap,
+                                 mirror=mirror, sigma_scale=sigma_scale, window_batch=window_batch)
     if device is None:
         first = next(network.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-    network.eval()
-    window = SlidingWindow(network, patch_size, n_classes, overlap=overlap, sigma_scale=sigma_scale,
-                           output=output, mirror=mirror, window_batch=window_batch).to(device)
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None].to(device)
-        if normalize:
-            x = BrainZScore()(x)
-        probs = window(x)[0]
-        labels = probabilities_to_labels(probs, output).cpu().numpy()
-    return VolumePrediction(
-        labels=uncrop(labels, bbox, image.shape[1:]),
-        probabilities=probs.cpu().numpy(),
-        bbox=bbox,
-    )
+    pipeline = build_pipeline(network, patch_size, n_classes, output, settings, device=device,
+                              n_channels=image.shape[0], normalize=normalize).to(device)
+    return segment_volume(pipeline, image)

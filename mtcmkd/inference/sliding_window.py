@@ -2,7 +2,9 @@
 
 Everything that depends on the volume size (padding, window positions, blending) happens
 inside ``forward`` in TorchScript-compatible code, so one scripted module serves any size; a
-traced module would bake in the shapes of the example volume.
+traced module would bake in the shapes of the example volume. The same module also runs the
+network once over the whole volume padded to its stride (:meth:`SlidingWindow.whole`, the
+"box" layout), and owns how the network is called: mirrors, bf16 autocast, channels-last.
 """
 
 from __future__ import annotations
@@ -85,6 +87,16 @@ class SlidingWindow(nn.Module):
         mirror: test-time augmentation: average over the identity and the 7 combinations of flips
             of the three spatial axes (8 network passes per window).
         window_batch: windows per network call.
+        bf16: run the network under ``torch.autocast`` with bfloat16 (on the input's device
+            type); probabilities and blending stay float32. Eager only: a scripted module runs
+            float32 and refuses a ``bf16`` instance (the export is the float32 reference).
+        channels_last: hand the network its input in ``torch.channels_last_3d`` memory format
+            and convert its 5D weights to it here (in place; values unchanged), which is what
+            lets oneDNN use its fast bf16 kernels on a CPU. Off: 5D weights left in another
+            format by an earlier instance are made contiguous again, so a float32 run computes
+            exactly as it would on a freshly loaded network.
+        stride: the network's size multiple, used by :meth:`whole` to pad the volume; default
+            the network's ``size_multiple`` attribute (the mtcmkd networks have one), else 1.
 
     ``forward`` takes one normalised volume (1, C, D, H, W) of any size and returns
     probabilities (1, n_classes, D, H, W) float32. A volume smaller than the patch in some axis is
@@ -93,6 +105,11 @@ class SlidingWindow(nn.Module):
     blended over windows with the Gaussian weights, accumulated in one (n_classes, D, H, W) buffer
     plus a (D, H, W) weight map, so memory stays bounded by the volume, not by the window count.
     Gradients are not tracked.
+
+    ``whole`` takes the same input and returns the same output from one network pass over the
+    whole volume, zero-padded (symmetrically) to a multiple of ``stride``: no windows, no
+    blending; normalisation layers then see the statistics of the whole volume rather than of
+    a patch-size window.
     """
 
     def __init__(
@@ -105,6 +122,9 @@ class SlidingWindow(nn.Module):
         output: str = "softmax",
         mirror: bool = False,
         window_batch: int = 1,
+        bf16: bool = False,
+        channels_last: bool = False,
+        stride: int | None = None,
     ) -> None:
         super().__init__()
         if output not in OUTPUTS:
@@ -123,6 +143,14 @@ class SlidingWindow(nn.Module):
         self.sigmoid: bool = output == "regions"
         self.n_mirrors: int = 8 if mirror else 1
         self.window_batch: int = int(window_batch)
+        self.bf16: bool = bool(bf16)
+        self.channels_last: bool = bool(channels_last)
+        if stride is None:
+            stride = int(getattr(network, "size_multiple", 1))
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        self.stride: int = int(stride)
+        _set_weight_format(network, channels_last)
         self.register_buffer(
             "importance", gaussian_importance_map(self.patch_size, sigma_scale), persistent=False
         )
@@ -133,9 +161,23 @@ class SlidingWindow(nn.Module):
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=1)
 
+    def _logits(self, batch: Tensor) -> Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        if self.bf16:
+            return self._bf16_logits(batch)
+        return self.network(batch)
+
+    @torch.jit.unused
+    def _bf16_logits(self, batch: Tensor) -> Tensor:
+        # Autocast is eager-only here: TorchScript ignores it unless a global JIT flag is set,
+        # and the exported file is the float32 reference anyway.
+        with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16):
+            return self.network(batch)
+
     def _predict_windows(self, batch: Tensor) -> Tensor:
         """Probabilities (B, n_classes, *patch) of a batch of windows, averaged over the mirrors."""
-        total = self._activate(self.network(batch))
+        total = self._activate(self._logits(batch))
         for m in range(1, self.n_mirrors):
             dims: list[int] = []
             if m & 1:
@@ -144,7 +186,7 @@ class SlidingWindow(nn.Module):
                 dims.append(3)
             if m & 4:
                 dims.append(4)
-            flipped = self._activate(self.network(torch.flip(batch, dims)))
+            flipped = self._activate(self._logits(torch.flip(batch, dims)))
             total = total + torch.flip(flipped, dims)
         return total / float(self.n_mirrors)
 
@@ -195,3 +237,45 @@ class SlidingWindow(nn.Module):
             blended = probs_sum / weight_sum
             blended = blended[:, lo_d : lo_d + d, lo_h : lo_h + h, lo_w : lo_w + w]
             return blended.unsqueeze(0)
+
+    def whole(self, x: Tensor) -> Tensor:
+        """(1, C, D, H, W) normalised volume -> (1, n_classes, D, H, W) float32 probabilities
+        from one network pass over the volume zero-padded to a multiple of ``stride``."""
+        if x.dim() != 5 or x.size(0) != 1:
+            raise ValueError(
+                "SlidingWindow expects one volume (1, channels, depth, height, width), got shape "
+                + str(x.shape)
+            )
+        with torch.no_grad():
+            s = self.stride
+            d, h, w = x.size(2), x.size(3), x.size(4)
+            pad_d, pad_h, pad_w = (s - d % s) % s, (s - h % s) % s, (s - w % s) % s
+            lo_d, lo_h, lo_w = pad_d // 2, pad_h // 2, pad_w // 2
+            if pad_d + pad_h + pad_w > 0:
+                x = F.pad(x, [lo_w, pad_w - lo_w, lo_h, pad_h - lo_h, lo_d, pad_d - lo_d])
+            probs = self._predict_windows(x)
+            if probs.size(1) != self.n_classes:
+                raise ValueError(
+                    "network returned "
+                    + str(probs.size(1))
+                    + " channels, SlidingWindow was built for n_classes="
+                    + str(self.n_classes)
+                )
+            return probs[:, :, lo_d : lo_d + d, lo_h : lo_h + h, lo_w : lo_w + w].contiguous()
+
+
+# TorchScript compiles the call to an unused method from its __annotations__, without resolving
+# the strings `from __future__ import annotations` leaves there: give it the types themselves.
+SlidingWindow._bf16_logits.__annotations__ = {"batch": Tensor, "return": Tensor}
+
+
+def _set_weight_format(network: nn.Module, channels_last: bool) -> None:
+    """5D weights to channels-last (``channels_last``), or back to contiguous when an earlier
+    instance left them channels-last; untouched otherwise (no re-assignment of parameters that
+    already have the wanted format, which matters for engines that hold views of them)."""
+    weights = [p for p in network.parameters() if p.dim() == 5]
+    if channels_last:
+        if any(not p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights):
+            network.to(memory_format=torch.channels_last_3d)
+    elif any(not p.is_contiguous() for p in weights):
+        network.to(memory_format=torch.contiguous_format)

@@ -45,7 +45,8 @@ Analysis, written whether or not every run succeeded (failed runs are listed):
 - ``OUT/study.md``: one table per comparison, the arm means (+- sd over seeds) and convergence;
 - ``OUT/paired_differences.png``: the per-case paired WT differences of each comparison.
 
-Resumable: a run with ``summary.json`` and ``eval/metrics.json`` is not redone. ``--jobs`` runs
+Resumable: a run whose ``summary.json`` says it finished (not preempted) and that has
+``eval/metrics.json`` is not redone; a preempted run is resumed and scored again. ``--jobs`` runs
 train in parallel, each with ``--threads`` threads (OMP/MKL_NUM_THREADS).
 """
 
@@ -239,7 +240,9 @@ def run_task(args: argparse.Namespace, task: Task) -> float:
     log = log_path(args, task.name)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if not (task.run_dir / "summary.json").is_file():
+    if not is_trained(task.run_dir):
+        # A preempted run (summary.json says so) is resumed, and its stale scores go.
+        (task.run_dir / "eval" / "metrics.json").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "mtcmkd", "train", "-c", str(CONFIGS / task.config),
                "--out", str(task.run_dir)]
         if (task.run_dir / "checkpoints").is_dir():
@@ -513,15 +516,27 @@ def source_record(run_dir: Path, total_steps: int) -> dict[str, Any]:
                     for r in read_log(log)
                     if r.get("kind") == "epoch" and any(k.startswith("teacher_wt_dice/")
                                                         for k in r)]
-    return {"run": str(run_dir), "steps": total_steps, "finished": summary.is_file(),
+    return {"run": str(run_dir), "steps": total_steps, "finished": is_trained(run_dir),
             "train_seconds": (json.loads(summary.read_text()).get("seconds")
                               if summary.is_file() else None),
             "validation_wt": trajectory, "convergence": convergence(trajectory, total_steps),
             "teacher_train_wt_dice": teacher_dice}
 
 
+def is_trained(run_dir: Path) -> bool:
+    """Training finished: summary.json exists and does not say the run was preempted (a
+    preempted run writes one too, with ``"preempted": true``, and must be resumed)."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    try:
+        return not json.loads(summary.read_text()).get("preempted", False)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def is_finished(run_dir: Path, evaluated: bool = True) -> bool:
-    return (run_dir / "summary.json").is_file() and (
+    return is_trained(run_dir) and (
         not evaluated or (run_dir / "eval" / "metrics.json").is_file())
 
 

@@ -296,3 +296,17 @@ def test_noisy_store_keeps_the_clean_test_set(study, tmp_path: Path) -> None:
     shuffled = dataclasses.replace(clean, test_cases=others)
     with pytest.raises(study.StudyError, match="its test cases differ from"):
         study.prepare_noisy(args, shuffled)
+
+
+def test_a_preempted_run_is_not_finished_and_is_resumed(study, tmp_path: Path) -> None:
+    """A run stopped by a preemption signal writes summary.json with "preempted": true; the
+    study must resume it and score it again, never score its half-trained weights."""
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({"preempted": True, "step": 41}))
+    assert not study.is_trained(run) and not study.is_finished(run)
+    (run / "summary.json").write_text(json.dumps({"preempted": False, "step": 200}))
+    assert study.is_trained(run) and study.is_finished(run)
+    (run / "summary.json").write_text("not json")
+    assert not study.is_trained(run)

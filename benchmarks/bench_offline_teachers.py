@@ -39,20 +39,10 @@ try:
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mtcmkd.brats import CHANNELS
+from bench_method_overhead import blob_batch  # same batch as the overhead benchmark
+
 from mtcmkd.config import config_from_dict
 from mtcmkd.methods import build_method
-
-
-def blob_batch(patch: int, batch: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randn(batch, len(CHANNELS), patch, patch, patch, generator=gen)
-    axis = torch.arange(patch, dtype=torch.float32) - patch / 2
-    r = (axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2).sqrt()
-    label = torch.zeros(patch, patch, patch, dtype=torch.int64)
-    label[r < patch / 4] = 2
-    label[r < patch / 6] = 3
-    label[r < patch / 10] = 1
-    return {"image": image, "label": label.expand(batch, -1, -1, -1).clone()}
 
 
 def make_step(name: str, args: argparse.Namespace,
@@ -110,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    batch = blob_batch(args.patch, args.batch)
+    batch = blob_batch(args.patch, args.batch, seed=0)
     steps = {v: make_step(v, args, batch) for v in args.variants}
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     for i in range(args.warmup + args.iters):

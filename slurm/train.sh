@@ -6,7 +6,10 @@
 #
 # Preemption and time limits: SLURM sends SIGUSR1 to every task 300 s before the limit
 # (--signal); the run saves a checkpoint and exits with code 3, and this script requeues the
-# job, which resumes from that checkpoint (same job id, same OUT, same log file).
+# job, which resumes from that checkpoint (same job id, same OUT, same log file). A SIGUSR1 to
+# this batch shell (`scancel --signal=USR1 --full`, `--signal=B:USR1@300`) is passed on to the
+# ranks. A rank lost mid-run (its node gone) ends the others within train.collective_timeout_s
+# with the lost rank's host named; the job then fails, and submitting it again resumes it.
 #
 # MTCMKD_ARGS holds extra `mtcmkd train` options, e.g.
 #   MTCMKD_ARGS='--set data.patch_size=[64,64,64] --set "train.note=two words"'
@@ -61,11 +64,21 @@ fi
 echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS} tasks on" \
      "${SLURM_JOB_NUM_NODES} node(s), master ${MASTER_ADDR}:${MASTER_PORT}, out ${OUT} ${RESUME[*]}"
 
-set +e
+# srun in the background, so that this shell can pass the warning on: `scancel --full` and
+# `--signal=B:USR1@...` signal this batch shell too (or only it), and bash's default for SIGUSR1
+# is to exit, which would end the job before the ranks' checkpoint and the requeue below.
 srun --kill-on-bad-exit=1 "${PYTHON}" -m mtcmkd train --config "${CONFIG}" --store "${STORE}" \
-    --out "${OUT}" "${RESUME[@]}" "${EXTRA_ARGS[@]}"
-rc=$?
-set -e
+    --out "${OUT}" "${RESUME[@]}" "${EXTRA_ARGS[@]}" &
+SRUN_PID=$!
+trap 'kill -USR1 "${SRUN_PID}" 2>/dev/null || true' USR1  # srun forwards it to every rank
+while :; do  # a trapped signal ends `wait` early (status 138): wait until srun is gone
+    rc=0
+    wait "${SRUN_PID}" || rc=$?
+    kill -0 "${SRUN_PID}" 2>/dev/null || break
+done
+rc=0
+wait "${SRUN_PID}" || rc=$?  # srun's own status, also when it ended during the trap
+trap - USR1
 # Exit code 3 means "checkpoint saved after the warning, requeue me". With --kill-on-bad-exit,
 # srun may kill the other ranks once the first exits 3 and report their signal instead; every
 # rank passes a barrier after the run folder's PREEMPTED marker is written, so trust it too.

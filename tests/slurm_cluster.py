@@ -288,6 +288,10 @@ class Cluster:
     def _registry_extra(self) -> dict[str, Any]:
         return {}
 
+    def _auth_info(self) -> str:
+        """slurm.conf's AuthInfo: a requeued job may start again 30 s after (default 120 s)."""
+        return "cred_expire=30"
+
     # --- configuration ----------------------------------------------------------------------
 
     def _write_conf(self) -> None:
@@ -314,6 +318,8 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=30
+# A requeued job waits cred_expire seconds before it may start again (default 120).
+AuthInfo={self._auth_info()}
 {self._node_lines(mem_mb)}\
 PartitionName=debug Nodes={",".join(self.node_names())} Default=YES MaxTime=INFINITE State=UP
 """)
@@ -517,6 +523,7 @@ class TwoNodeCluster(Cluster):
         self.subnet: ipaddress.IPv4Network | None = None
         self.nodes: list[Node] = []
         self.namespaces: list[str] = []  # recorded before they exist: a crash mid-way is reaped
+        self.munge_dir: Path | None = None  # this cluster's own munged (socket, pid, seed, log)
 
     def node_names(self) -> list[str]:
         return list(self.NAMES)
@@ -572,7 +579,84 @@ class TwoNodeCluster(Cluster):
             remove_netns(name)
         self.namespaces = []
         self.nodes = []
+        if self.munge_dir is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
+
+    def _auth_info(self) -> str:
+        return f"{super()._auth_info()},socket={self.munge_dir}/munge.socket"
+
+    def _start_munge(self) -> None:
+        """A munged of this cluster's own, on a socket of its own named in slurm.conf
+        (AuthInfo=socket=...): a munged shared with another test session on this machine
+        stops when that session ends, and this cluster's jobs would then fail to authenticate
+        mid-run. The key is the machine's (created when missing, as `Cluster` does)."""
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.write_bytes(os.urandom(1024))
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="mtcmkd-munge-"))  # /tmp: munge can reach it
+        self.munge_dir.chmod(0o755)
+        shutil.chown(self.munge_dir, "munge", "munge")
+        d, log = self.munge_dir, self.workdir / "log" / "munged.out"
+        proc = self.launch(["munged", "-F", "--force", f"--socket={d}/munge.socket",
+                            f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed",
+                            f"--log-file={d}/munged.log", "--num-threads=4"], log,
+                           user="munge", group="munge", extra_groups=[])
+        deadline = time.time() + 20
+        while _run(["munge", "-n", f"--socket={d}/munge.socket"]).returncode != 0:
+            if proc.poll() is not None or time.time() > deadline:
+                raise SlurmUnavailable(f"munged failed to start: {log.read_text()[-400:]}")
+            time.sleep(0.2)
 
     def in_node(self, i: int, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
         """Run `cmd` on node `i` (0 or 1), as a job's process there would run."""
         return _run(self.nodes[i].wrap(cmd), env=self.env, **kw)
+
+    # --- faults (tests/test_multinode_faults.py) ------------------------------------------
+
+    def node_dies(self, i: int, link_down: bool = True) -> list[int]:
+        """Node `i` dies: every process on it (slurmd, slurmstepd, the job's ranks) is killed.
+        `link_down`: as a machine dies, its link goes down first, so nothing it sends (not
+        even the FIN of a closing socket) reaches the other node; else its kernel still closes
+        the connections, as when only the processes die. The namespace stays, as a dead
+        machine's address does; `revive_node` brings the node back. Returns the pids killed."""
+        n = self.nodes[i]
+        if link_down:
+            r = _run(["ip", "-n", n.netns, "link", "set", n.veth, "down"])
+            if r.returncode != 0:
+                raise RuntimeError(f"ip -n {n.netns} link set {n.veth} down: {r.stderr.strip()}")
+        pids = netns_pids(n.netns)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def revive_node(self, i: int, timeout: float = 120) -> None:
+        """Node `i` back after `node_dies`: link up, a new slurmd, and once SLURM lists
+        the node as usable again (a node marked DOWN returns on registration:
+        ReturnToService=2), return.
+
+        Raises:
+            RuntimeError: the node was not usable within `timeout` seconds.
+        """
+        n = self.nodes[i]
+        r = _run(["ip", "-n", n.netns, "link", "set", n.veth, "up"])
+        if r.returncode != 0:
+            raise RuntimeError(f"ip -n {n.netns} link set {n.veth} up: {r.stderr.strip()}")
+        revival = sum(1 for p in self.procs if n.name in " ".join(map(str, p.args)))
+        self.launch(n.wrap(["slurmd", "-D", "-N", n.name, "-f", str(self.conf)]),
+                    self.workdir / "log" / f"slurmd-{n.name}-{revival}.out", expect="slurmd",
+                    env=self.env)
+        deadline = time.monotonic() + timeout
+        state = "?"
+        while time.monotonic() < deadline:
+            state = self.client(["sinfo", "-h", "-n", n.name, "-o", "%T"]).stdout.strip()
+            if state in ("idle", "mixed", "allocated"):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{n.name} not back within {timeout} s (state {state!r})")

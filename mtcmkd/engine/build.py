@@ -109,7 +109,7 @@ def build_run(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: 
     # needs the engine's checks should not pay.
     import deepspeed
 
-    dist = setup_distributed()
+    dist = setup_distributed(cfg.train.collective_timeout_s)
     if len(train_ids) < dist.world_size:
         raise TrainError(f"{cfg.data.store}: fold {cfg.data.fold} leaves {len(train_ids)} "
                          f"training cases for {dist.world_size} ranks")

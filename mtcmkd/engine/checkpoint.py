@@ -3,6 +3,10 @@
 Layout of a run folder's `checkpoints/`:
 
     step_00000100/            DeepSpeed's files (every rank writes its own part)
+    step_00000100/rank_state_00001.pt
+                              what only that rank knows (its epoch statistics so far, its RNG):
+                              DeepSpeed keeps the client state of rank 0 alone at ZeRO 0, and a
+                              rank resumed from rank 0's would continue another rank's epoch
     step_00000100/COMPLETE    written by rank 0 after every rank finished (a barrier): JSON
                               meta, with `files_sha256` = {file name: SHA-256} of the step's files
     latest                    the tag of the newest complete checkpoint, replaced atomically
@@ -143,16 +147,38 @@ def verify_files(ckpt_dir: Path, tag: str, meta: dict) -> bool:
     return True
 
 
+def rank_state_name(rank: int) -> str:
+    return f"rank_state_{rank:05d}.pt"
+
+
+def load_rank_state(ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any] | None:
+    """This rank's own part of checkpoint `tag` (weights-only load), or None when the step has
+    none (a checkpoint written before ranks saved their own state)."""
+    path = ckpt_dir / tag / rank_state_name(rank)
+    return safe_torch_load(path) if path.is_file() else None
+
+
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, meta: dict,
-         keep_last: int, is_main: bool) -> str:
-    """Save through DeepSpeed on every rank, then mark complete and prune (rank 0)."""
+         keep_last: int, is_main: bool, rank_state: tuple[int, dict] | None = None) -> str:
+    """Save through DeepSpeed on every rank, then mark complete and prune (rank 0).
+
+    Args:
+        rank_state: (rank, tensors) that only this rank holds, written as
+            `rank_state_<rank>.pt` into the step folder (see the module docstring).
+    """
     tag = step_tag(step)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if is_main and (ckpt_dir / tag).exists() and not (ckpt_dir / tag / COMPLETE).exists():
         shutil.rmtree(ckpt_dir / tag)  # a partial save of an earlier, killed attempt
     torch.distributed.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.distributed.barrier()  # every rank's files are on disk
+    if rank_state is not None:
+        (ckpt_dir / tag).mkdir(exist_ok=True)
+        torch.save(rank_state[1], ckpt_dir / tag / rank_state_name(rank_state[0]))
+    # Every rank's files are on disk before rank 0 hashes them and writes COMPLETE: a rank lost
+    # before this point (its node gone mid-save) fails this barrier on every other rank, so a
+    # step folder without all its parts never gets COMPLETE.
+    torch.distributed.barrier()
     if is_main:
         meta = {**meta, FILES_SHA256: step_files_sha256(ckpt_dir / tag)}
         atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=2) + "\n")

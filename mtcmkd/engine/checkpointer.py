@@ -108,8 +108,9 @@ class Checkpointer:
                 "micro_in_epoch": state.micro_in_epoch, "world_size": self.dist.world_size}
         client = {**state.to_client(), "torch_rng": torch.get_rng_state(),
                   "config_hash": self.config_hash}
+        own = {"epoch_stats": client["epoch_stats"], "torch_rng": client["torch_rng"]}
         tag = ckpt.save(self.engine, self.ckpt_dir, state.step, client, meta, self.keep_last,
-                        self.dist.is_main)
+                        self.dist.is_main, rank_state=(self.dist.rank, own))
         if self.dist.is_main:
             self.save_student("student.pt", state)
         self.echo(f"checkpoint {tag}")
@@ -130,6 +131,10 @@ class Checkpointer:
     def load(self, tag: str) -> LoopState:
         """Weights, optimiser, RNG and loop state of checkpoint `tag` (verify it first).
 
+        The epoch statistics and the RNG are this rank's own (`rank_state_<rank>.pt`) when the
+        checkpoint has them and was written by as many ranks as now run; else rank 0's, which
+        DeepSpeed keeps in its client state (checkpoints written before, another world size).
+
         Raises:
             TrainError: DeepSpeed found no loadable checkpoint there.
         """
@@ -137,7 +142,12 @@ class Checkpointer:
         if client is None:
             raise TrainError(f"{self.ckpt_dir / tag}: DeepSpeed could not load the checkpoint")
         state = LoopState.from_client(client)
-        torch.set_rng_state(client["torch_rng"])
+        own = None
+        if ckpt.read_complete(self.ckpt_dir, tag).get("world_size") == self.dist.world_size:
+            own = ckpt.load_rank_state(self.ckpt_dir, tag, self.dist.rank)
+        if own is not None:
+            state.epoch_stats = dict(own["epoch_stats"])
+        torch.set_rng_state((own or client)["torch_rng"])
         return state
 
     # ---- student files (rank 0 only; the callers check)

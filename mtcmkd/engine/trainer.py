@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mtcmkd.config import RunConfig
+from mtcmkd.engine import checkpoint as ckpt
 from mtcmkd.engine.build import (
     TrainRun,
     apply_frozen_groups,
@@ -31,7 +32,7 @@ from mtcmkd.engine.build import (
     deepspeed_config,
     resolve_precision,
 )
-from mtcmkd.engine.dist import all_reduce
+from mtcmkd.engine.dist import all_reduce, lost_ranks_named
 from mtcmkd.engine.errors import EXIT_PREEMPTED, TrainError
 from mtcmkd.engine.memory import (
     ACTIVATION_FACTOR,
@@ -93,29 +94,34 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: bool
             fit in memory.
         CheckpointError: a damaged checkpoint (digest mismatch, bad COMPLETE, `latest` outside
             the run folder).
+        LostRankError: (a TrainError) a collective failed because a rank is gone: its process
+            ended, or it did not answer within `train.collective_timeout_s`; the message names
+            it, its host and the checkpoint to resume from.
     """
     run = build_run(cfg, out, resume=resume, memory_check=memory_check, echo=echo)
     t, state, checkpointer = cfg.train, run.state, run.checkpointer
     meter = Meter(samples_per_micro_batch=t.batch_size * run.dist.world_size)
     started = time.perf_counter()
-    while state.epoch < t.epochs:
-        run.start_epoch()
-        for batch in meter.timed_batches(run.batches()):
-            if not train_step(run, batch, meter):
-                continue  # accumulating gradients: no optimiser step yet
-            if state.step % t.log_every == 0 and meter.count:
-                run.log.write_train(meter.record(state.step, state.epoch,
-                                                 learning_rates(run.optimizer)))
-            if checkpointer.preemption_requested():
-                checkpointer.save(state)
-                run.log.write({"kind": "preempted", "step": state.step, "epoch": state.epoch})
-                checkpointer.mark_preempted(state)  # before the barrier: no rank exits first
-                return _finish(run, {"preempted": True})
-            checkpointer.maybe_save(state)
-        end_epoch(run)
-    checkpointer.finish(state)
-    return _finish(run, {"preempted": False, "seconds": time.perf_counter() - started,
-                         "ranks_in_sync": ranks_in_sync(run.method)})
+    with lost_ranks_named(run.dist, t.collective_timeout_s, lambda: _resume_hint(run)):
+        while state.epoch < t.epochs:
+            run.start_epoch()
+            for batch in meter.timed_batches(run.batches()):
+                if not train_step(run, batch, meter):
+                    continue  # accumulating gradients: no optimiser step yet
+                if state.step % t.log_every == 0 and meter.count:
+                    run.log.write_train(meter.record(state.step, state.epoch,
+                                                     learning_rates(run.optimizer)))
+                if checkpointer.preemption_requested():
+                    checkpointer.save(state)
+                    run.log.write({"kind": "preempted", "step": state.step,
+                                   "epoch": state.epoch})
+                    checkpointer.mark_preempted(state)  # before the barrier: no rank exits first
+                    return _finish(run, {"preempted": True})
+                checkpointer.maybe_save(state)
+            end_epoch(run)
+        checkpointer.finish(state)
+        return _finish(run, {"preempted": False, "seconds": time.perf_counter() - started,
+                             "ranks_in_sync": ranks_in_sync(run.method)})
 
 
 def train_step(run: TrainRun, batch: dict[str, torch.Tensor], meter: Meter) -> bool:
@@ -172,6 +178,16 @@ def ranks_in_sync(method: torch.nn.Module) -> bool:
     low = all_reduce(local.clone(), op=torch.distributed.ReduceOp.MIN)
     high = all_reduce(local.clone(), op=torch.distributed.ReduceOp.MAX)
     return bool(torch.equal(low, high))
+
+
+def _resume_hint(run: TrainRun) -> str:
+    """Where a run that lost a rank stands: its step, and the checkpoint `--resume` takes."""
+    try:
+        tag = ckpt.latest_tag(run.out / "checkpoints")
+    except ckpt.CheckpointError:
+        tag = None
+    where = f"the last complete checkpoint is {tag}" if tag else "no complete checkpoint yet"
+    return f" at step {run.state.step}; {where}: submit again with --resume"
 
 
 def _finish(run: TrainRun, summary: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from mtcmkd.brats import REGIONS
@@ -81,6 +80,4 @@ def compare_cmd(
                       f"{row['mean_b']:.4f}", f"{row['mean_diff']:+.4f}",
                       f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]",
                       f"{row['wilcoxon_p']:.3g}", f"{row['holm_p']:.3g}", row["verdict"])
-    # Piped to a file, rich would squeeze the table to 80 columns and cut numbers: keep it whole.
-    out = console if console.is_terminal else Console(width=160, highlight=False)
-    out.print(table)
+    console.print(table)  # piped, the shared console is wide enough to keep every number

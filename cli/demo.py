@@ -45,7 +45,7 @@ def demo(
     try:
         steps = run_demo(settings, say=lambda m: console.print(m, highlight=False,
                                                                soft_wrap=True),
-                         rule=lambda title: console.rule(f"[bold]{title}"))
+                         rule=_rule)
     except DemoError as exc:
         fail(str(exc), code=1)
     table = Table(title=f"mtcmkd demo -> {out}")
@@ -56,3 +56,12 @@ def demo(
         table.add_row(step.name, f"{step.seconds:.1f}", step.result)
     table.add_row("total", f"{sum(s.seconds for s in steps):.1f}", f"{out / 'demo_summary.json'}")
     console.print(table)
+
+
+def _rule(title: str) -> None:
+    """A step's heading: rich's full-width rule on a terminal, a short line in a log (the
+    console is very wide when piped, so a rule would be hundreds of characters)."""
+    if console.is_terminal:
+        console.rule(f"[bold]{title}")
+    else:
+        console.print(f"== {title} ==", markup=False, soft_wrap=True)

@@ -7,16 +7,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .console import console, err_console, failer
+from mtcmkd.messages import first_line
+
+from .console import CaseProgress, console, err_console, failer
 from .predict import describe_inference, inference_settings, resolve_device
 
 fail = failer("evaluate")
 
 if TYPE_CHECKING:
-    from mtcmkd.evaluation import Evaluation, ScoringCase
+    from mtcmkd.evaluation import Evaluation, ScoringCase, SegmentationWriter
 
 #: Per-case rows shown on the console; more cases show only the mean (all are in the files).
 MAX_CASE_ROWS = 25
@@ -25,7 +26,8 @@ MAX_CASE_ROWS = 25
 def evaluate(
     year: Annotated[str | None, typer.Option(
         help="Release whose rules (2023+: also lesion-wise) and label values apply: 2018, 2019, "
-             "2020, 2021, 2023 (and later), msd. Required.")] = None,
+             "2020, 2021, 2023 (and later), msd. Default: detected from the store's cases "
+             "(--run) or the ground truth's case names (--pred).")] = None,
     run: Annotated[Path | None, typer.Option(
         help="Run folder: predict and score its held-out cases (--split: the test set by "
              "default).")] = None,
@@ -42,7 +44,13 @@ def evaluate(
     gt: Annotated[Path | None, typer.Option(
         help="With --pred: raw data in the release's layout holding the *_seg files.")] = None,
     out: Annotated[Path | None, typer.Option(
+        "--out", "-o",
         help="Output folder for metrics.json / metrics.csv (default RUN/eval or ./eval).")
+    ] = None,
+    save_segmentations: Annotated[Path | None, typer.Option(
+        "--save-segmentations",
+        help="With --run: also write each scored case's labels here as <case_id>.nii.gz (the "
+             "release's label values, the source image's grid and header, as predict writes).")
     ] = None,
     png: Annotated[Path | None, typer.Option(help="Also write an overlay PNG per case here.")
                    ] = None,
@@ -96,6 +104,7 @@ def evaluate(
         EvaluationError,
         EvaluationSettings,
         InputError,
+        SegmentationWriter,
         check_output_folder,
         match_prediction_files,
         prediction_file_cases,
@@ -105,13 +114,12 @@ def evaluate(
         write_metrics,
     )
 
-    if year is None:
-        fail("--year is required (e.g. --year 2021): it sets the scoring rules and label values")
     if (run is None) == (pred is None):
         fail("pass either --run RUN_DIR or --pred PRED_DIR --gt RAW_DIR")
     if pred is not None and gt is None:
         fail("--pred needs --gt RAW_DIR (the ground truth in the release's layout)")
     unpredicted: list[str] = []
+    writer: SegmentationWriter | None = None  # --save-segmentations
     how: str | None = None  # the inference, as run (--run)
     if run is None and (store is not None or split != "test" or allow_changed_store):
         fail("--store, --split and --allow-changed-store go with --run")
@@ -121,18 +129,28 @@ def evaluate(
         fail("--missing goes with --pred (--run scores every held-out case of the store)")
     if run is None and (precision is not None or layout is not None or reference):
         fail("--precision, --layout and --reference go with --run")
+    if run is None and save_segmentations is not None:
+        fail("--save-segmentations goes with --run (with --pred the segmentations are the "
+             "files already)")
     from mtcmkd.inference import InferenceSettings, apply_threads, resolve_precision
 
     inference = inference_settings(fail, reference=reference, precision=precision,
                                    layout=layout, overlap=overlap, mirror=mirror,
                                    threads=threads, defaults=InferenceSettings.reference())
-    try:
-        settings = EvaluationSettings(year, postprocess_et, legacy_slice_dice,
-                                      subchallenge=subchallenge or "GLI")
-    except ValueError as exc:
-        fail(f"--year/--postprocess-et/--subchallenge: {exc}")
-    if subchallenge is not None and not settings.lesion_wise:
-        fail(f"--subchallenge goes with --year 2023 (lesion-wise rules); BraTS {year} has none")
+
+    def scoring_settings(year: str) -> EvaluationSettings:
+        try:
+            settings = EvaluationSettings(year, postprocess_et, legacy_slice_dice,
+                                          subchallenge=subchallenge or "GLI")
+        except ValueError as exc:
+            fail(f"--year/--postprocess-et/--subchallenge: {exc}")
+        if subchallenge is not None and not settings.lesion_wise:
+            fail(f"--subchallenge goes with --year 2023 (lesion-wise rules); BraTS {year} has "
+                 "none")
+        return settings
+
+    if year is not None:  # a bad --year is refused before any work
+        scoring_settings(year)
 
     out_dir = out if out is not None else (run / "eval" if run is not None else Path("eval"))
     try:
@@ -140,6 +158,8 @@ def evaluate(
         check_output_folder(out_dir, ["metrics.json", "metrics.csv"])
         if png is not None:
             check_output_folder(png)
+        if save_segmentations is not None:
+            check_output_folder(save_segmentations)
     except (EvaluationError, InputError) as exc:
         fail(str(exc))
 
@@ -149,6 +169,9 @@ def evaluate(
                                            allow_changed_store=allow_changed_store)
             for note in inputs.notes:
                 err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+            year = year if year is not None else _store_year(inputs.store, inputs.case_ids)
+            if save_segmentations is not None:
+                writer = SegmentationWriter(inputs.store, save_segmentations, postprocess_et)
             dev = resolve_device(device)
             n_threads = apply_threads(threads)
             precision_used = resolve_precision(inference.precision, dev)
@@ -172,6 +195,7 @@ def evaluate(
             }
         else:
             assert pred is not None and gt is not None
+            year = year if year is not None else _truth_year(gt)
             pairs, unpredicted = match_prediction_files(pred, gt, year, missing)
             n_cases = len(pairs)
             cases = prediction_file_cases(pairs, year, with_image=png is not None)
@@ -180,11 +204,15 @@ def evaluate(
                       "scored_as_empty": unpredicted if missing == "empty" else [],
                       "unscored_truth_cases": len(unpredicted) if missing == "skip" else 0}
 
-        progress = Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.description}"),
-                            console=console, transient=True)
+        settings = scoring_settings(year)
 
         def on_case(case: ScoringCase, record: dict[str, Any]) -> None:
+            if writer is not None:
+                try:
+                    writer.write(case)
+                except (OSError, ValueError) as exc:
+                    fail(f"{save_segmentations / (case.case_id + '.nii.gz')}: cannot write the "
+                         f"segmentation ({first_line(exc)})")
             if png is not None:
                 from mtcmkd.plots import overlay_png
 
@@ -192,17 +220,21 @@ def evaluate(
                             prediction=case.prediction, affine=case.affine,
                             spacing=case.spacing, title=f"{case.case_id}  Dice " + ", ".join(
                                 f"{r} {record['dice'][r]:.3f}" for r in ("WT", "TC", "ET")))
-            progress.update(task, advance=1, description=case.case_id)
+            progress.case_done(case.case_id)
 
-        with progress:
-            task = progress.add_task("", total=n_cases)
+        with CaseProgress("evaluate", n_cases) as progress:
             evaluation = score_predictions(cases, settings, source=source, on_case=on_case)
+        if writer is not None:
+            evaluation.source["segmentations"] = {"folder": str(save_segmentations),
+                                                  "headers": writer.headers}
     except (EvaluationError, InputError) as exc:
         fail(str(exc))
     except ValueError as exc:  # e.g. prediction/truth shapes differ
         fail(str(exc))
 
     json_path, csv_path = write_metrics(evaluation, out_dir)
+    if writer is not None:
+        _print_segmentations(writer, save_segmentations)
     _print_split(evaluation)
     if how is not None:
         console.print(f"inference: {escape(how)}", soft_wrap=True)
@@ -218,6 +250,46 @@ def evaluate(
         err_console.print("[yellow]warning:[/] the store changed since training "
                           "(--allow-changed-store); see source.store_check in metrics.json",
                           soft_wrap=True)
+
+
+def _store_year(store: Path, case_ids: list[str]) -> str:
+    """--year from the release the store's cases to score were converted from."""
+    from mtcmkd.evaluation import store_case_releases
+
+    try:
+        releases = store_case_releases(store, case_ids)
+    except (KeyError, OSError, ValueError) as exc:
+        fail(f"{store}: cannot read the cases' release ({first_line(exc)}); pass --year")
+    if len(releases) != 1:
+        fail(f"{store}: the cases to score come from several releases ({', '.join(releases)}); "
+             "pass --year for the rules to score them by")
+    return releases[0]
+
+
+def _truth_year(gt: Path) -> str:
+    """--year from the case names of the ground-truth folder."""
+    from mtcmkd.preprocessing import DatasetError
+    from mtcmkd.preprocessing.discover import scan_raw
+
+    try:
+        releases = sorted({case.release for case in scan_raw(gt).cases})
+    except DatasetError as exc:
+        fail(str(exc))
+    if len(releases) != 1:
+        fail(f"{gt}: {'no case' if not releases else 'cases of several releases'} "
+             f"({', '.join(releases) or 'none'}) to tell the release from; pass --year")
+    return releases[0]
+
+
+def _print_segmentations(writer: SegmentationWriter, folder: Path) -> None:
+    """Where the segmentations went, and which carry the store's affine only."""
+    from_affine = sorted(c for c, how in writer.headers.items() if how == "affine")
+    console.print(f"wrote {len(writer.headers)} segmentation(s) to {escape(str(folder))}",
+                  soft_wrap=True)
+    if from_affine:
+        err_console.print(f"[yellow]note:[/] {len(from_affine)} segmentation(s) carry the "
+                          "store's recorded affine, not the source header (the raw files "
+                          "preprocessing read are not where they were)", soft_wrap=True)
 
 
 def _print_split(evaluation: Evaluation) -> None:

@@ -22,7 +22,8 @@ def inspect_config(
         "--config", "-c", help="Run config YAML file or preset name; without it, list the "
         "shipped presets.")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a value: section.key=value (YAML value), repeatable.")] = None,
+        "--set", help="Override values: section.key=value (a YAML value); several pairs "
+                 "after one --set, or --set repeated.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Validate a config and show its networks (parameters, modalities) and loss terms; list

@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mtcmkd.messages import first_line
 
-from .console import console, err_console, failer
+from .console import CaseProgress, console, err_console, failer
 
 fail = failer("predict")
 
 if TYPE_CHECKING:
     from mtcmkd.evaluation import CaseFailure, CasePrediction, PredictionInput
     from mtcmkd.inference import InferenceSettings
+    from mtcmkd.student_weights import StudentBundle
 
 
 def resolve_device(device: str) -> str:
@@ -81,13 +81,19 @@ def describe_inference(settings: InferenceSettings, precision_used: str, threads
 
 
 def predict(
-    model: Annotated[Path, typer.Option(
-        "--model", "-m", help="Run folder (best_student.pt, else student.pt) or student file.")],
     input_: Annotated[Path, typer.Option(
         "--input", "-i", help="A case folder of any release, a folder of cases, an MSD folder, "
                               "or one NIfTI of the student's modality.")],
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Folder for <case_id>.nii.gz (created).")],
+    run: Annotated[list[Path] | None, typer.Option(
+        "--run", help="Run folder (best_student.pt, else student.pt) or student file. Repeat "
+                      "it for an ensemble (e.g. the folds of a cross-validation): the mean of "
+                      "the models' probabilities gives the labels.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for <case_id>.nii.gz (created).")] = None,
+    model: Annotated[list[Path] | None, typer.Option(
+        "--model", "-m", hidden=True, help="Old spelling of --run.")] = None,
+    output_: Annotated[Path | None, typer.Option(
+        "--output", hidden=True, help="Old spelling of --out.")] = None,
     png: Annotated[Path | None, typer.Option(
         help="Also write an overlay PNG per case here.")] = None,
     mirror: Annotated[bool, typer.Option(
@@ -128,6 +134,10 @@ def predict(
     windows or one pass over the box, labels). By default a CPU with native bf16 runs it in
     bf16 (--precision auto); --reference reproduces the float32 reference result exactly.
 
+    With --run given several times (the folds of a cross-validation), every model segments
+    the case and the mean of their probabilities gives the labels, as nnU-Net ensembles its
+    folds; the models must share input modalities, patch size, output kind and release.
+
     A bad case (unreadable, wrong dimensionality, missing the student's modality, a file named
     as another modality) does not stop the others: each failure is one line naming the file,
     and the command ends with exit code 1 after segmenting every good case. Every entry of the
@@ -135,6 +145,14 @@ def predict(
     every case, failure and entry not taken. Bad options, model or output folder stop the
     command at once with one line (exit 2); no file is ever left half written.
     """
+    runs = [*(run or []), *(model or [])]
+    if not runs:
+        fail("pass --run RUN (a run folder or student file; repeat it for an ensemble)")
+    if out is not None and output_ is not None and out != output_:
+        fail(f"--out {out} and --output {output_} (its old spelling) name different folders")
+    output = out if out is not None else output_
+    if output is None:
+        fail("pass --out FOLDER for the segmentations")
     settings = inference_settings(fail, reference=reference, precision=precision, layout=layout,
                                   overlap=overlap, mirror=mirror, threads=threads)
     if postprocess_et is not None and postprocess_et < 1:
@@ -151,6 +169,7 @@ def predict(
         write_prediction,
     )
     from mtcmkd.inference import apply_threads, resolve_precision
+    from mtcmkd.inference.predict import PipelineEnsemble
     from mtcmkd.integrity import CheckpointError
     from mtcmkd.student_weights import load_student, resolve_student_path
 
@@ -160,15 +179,20 @@ def predict(
             check_output_folder(png)
     except (EvaluationError, InputError) as exc:
         fail(str(exc))
-    try:
-        student_path = resolve_student_path(model)
-        bundle = load_student(student_path)
-    except (FileNotFoundError, ValueError, CheckpointError) as exc:
-        fail(str(exc))
+    student_paths, bundles = [], []
+    for path in runs:
+        try:
+            student_paths.append(resolve_student_path(path))
+            bundles.append(load_student(student_paths[-1]))
+        except (FileNotFoundError, ValueError, CheckpointError) as exc:
+            fail(str(exc))
+    _check_ensemble(runs, student_paths, bundles)
+    student_path, bundle = student_paths[0], bundles[0]
     dev = resolve_device(device)
     n_threads = apply_threads(threads)
     precision_used = resolve_precision(settings.precision, dev)
-    pipeline = student_pipeline(bundle, settings, device=dev)
+    pipelines = [student_pipeline(b, settings, device=dev) for b in bundles]
+    pipeline = pipelines[0] if len(pipelines) == 1 else PipelineEnsemble(pipelines)
     try:
         found = discover_prediction_inputs(input_, bundle.channels, year)
     except (EvaluationError, InputError) as exc:
@@ -195,13 +219,8 @@ def predict(
             _print_failure(failures[-1])
 
     rows, written = [], []
-    progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
-                        transient=True)
-    with progress:
-        task = progress.add_task("", total=len(inputs))
+    with CaseProgress("predict", len(inputs)) as progress:
         for item in inputs:
-            progress.update(task, description=item.case_id)
             try:
                 result = predict_case(bundle, item, pipeline=pipeline,
                                       postprocess_et=postprocess_et)
@@ -221,12 +240,15 @@ def predict(
                              "yes" if result.et_relabelled else "", f"{result.seconds:.1f}"))
                 written.append({"case": item.case_id, "status": "written", "file": str(out),
                                 "release": item.release, "seconds": round(result.seconds, 3)})
-            if failures and failures[-1].case_id == item.case_id:
+            failed = bool(failures) and failures[-1].case_id == item.case_id
+            if failed:
                 _print_failure(failures[-1])
-            progress.advance(task)
+            progress.case_done(item.case_id, "failed" if failed else "")
 
     if rows:
-        table = Table(title=f"mtcmkd predict -> {output} ({student_path.name}, "
+        models = (student_path.name if len(bundles) == 1
+                  else f"ensemble of {len(bundles)} models")
+        table = Table(title=f"mtcmkd predict -> {output} ({models}, "
                             f"{'+'.join(bundle.channels)}, {dev}; voxels per region)")
         table.add_column("file", no_wrap=True)
         for col in ("release", "WT", "TC", "ET", "ET->NCR", "s"):
@@ -237,7 +259,8 @@ def predict(
     post = ("off" if postprocess_et is None
             else f"ET < {postprocess_et} voxels relabelled as NCR")
     report = {
-        "model": str(student_path), "input": str(input_), "output": str(output),
+        "model": str(student_path), "models": [str(p) for p in student_paths],
+        "input": str(input_), "output": str(output),
         "channels": list(bundle.channels), "device": dev, "mirror": settings.mirror,
         "overlap": settings.overlap, "precision": settings.precision,
         "precision_used": precision_used, "layout": settings.layout, "threads": n_threads,
@@ -265,6 +288,33 @@ REPORT_NAME = "predict_report.json"
 
 #: Entries not taken shown on the console; all of them are in the report.
 MAX_NOT_TAKEN_LINES = 20
+
+
+def _check_ensemble(runs: list[Path], paths: list[Path], bundles: list[StudentBundle]) -> None:
+    """Refuse an ensemble whose models could not average: other input modalities, patch size,
+    output kind or classes, or trained on another release (when the runs' stores tell)."""
+    if len(bundles) < 2:
+        return
+    from mtcmkd.evaluation import trained_releases
+
+    first = bundles[0]
+    releases = trained_releases(runs[0])
+    for path, given, bundle in zip(paths[1:], runs[1:], bundles[1:], strict=True):
+        for what, mine, theirs in (
+                ("input modalities", bundle.channels, first.channels),
+                ("patch size", bundle.patch_size, first.patch_size),
+                ("output", (bundle.output, bundle.n_classes), (first.output, first.n_classes))):
+            if tuple(mine) != tuple(theirs):
+                fail(f"{path}: its {what} {_shown(mine)} differ from {paths[0]}'s "
+                     f"{_shown(theirs)}; an ensemble averages models of one kind")
+        other = trained_releases(given)
+        if releases is not None and other is not None and other != releases:
+            fail(f"{path}: trained on BraTS {'+'.join(other)}, {paths[0]} on "
+                 f"{'+'.join(releases)}; an ensemble averages models of one release")
+
+
+def _shown(value: object) -> str:
+    return "+".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _print_failure(failure: CaseFailure) -> None:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .console import console, err_console, failer
+from .console import CaseProgress, console, err_console, failer
 
 if TYPE_CHECKING:
     from mtcmkd.preprocessing.discover import NotTaken
@@ -84,11 +84,16 @@ def preprocess(
     def on_start(n: int) -> None:
         state["task"] = progress.add_task("", total=n)
         progress.refresh()
+        if not console.is_terminal:  # a log: one line per case (the bar shows nothing there)
+            state["lines"] = CaseProgress("preprocess", n).__enter__()
 
     def on_result(result) -> None:
         if result.status == "failed":
             progress.console.print(f"[red]failed[/] {result.error}", soft_wrap=True)
         progress.update(state["task"], advance=1, description=result.case_id, refresh=True)
+        if "lines" in state:
+            state["lines"].case_done(result.case_id,
+                                     "" if result.status == "converted" else result.status)
 
     try:
         with progress:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from mtcmkd.brats import REGIONS
@@ -55,6 +54,5 @@ def summary_cmd(
         table.add_row(row["input"], str(row["split"]), str(row["n_cases"]), *cells(row))
     table.add_row("[bold]mean[/]", "", "", *cells(result["mean"]))
     table.add_row("sd", "", "", *cells(result["sd"]))
-    # Piped to a file, rich would squeeze the table to 80 columns and cut numbers: keep it whole.
-    (console if console.is_terminal else Console(width=200, highlight=False)).print(table)
+    console.print(table)  # piped, the shared console is wide enough to keep every number
     console.print(f"wrote {json_path} and {csv_path}")

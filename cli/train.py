@@ -20,7 +20,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")],
     store: Annotated[Path | None, typer.Option(help="Zarr store (overrides data.store).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable).")] = None,
+        "--set", help="Override config values, e.g. --set train.lr=3e-4 train.epochs=2 "
+                 "(several pairs after one --set, or --set repeated).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the newest complete checkpoint of --out.")] = False,
     memory_check: Annotated[bool, typer.Option(

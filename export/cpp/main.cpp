@@ -11,16 +11,27 @@
 // on this input, 2 bad arguments or unreadable files. Every error is one line on stderr,
 // `error: <path>: <reason>`; none escapes as an abort. --max-voxels raises the header check's
 // voxel limit (default 2^31), which refuses corrupt headers before anything is allocated.
+//
+// Progress goes to stderr, for logs (SLURM, nohup) as much as terminals: a step that has run
+// for 10 s says what it does (`mtcmkd_segment: segmenting IN (240x240x155, labels 2021, 4
+// threads): 10 s`), again every 30 s, and its time when it ends; quick steps and quick
+// failures print nothing, so an error stays the only line. MTCMKD_SEGMENT_PROGRESS_S=S
+// changes the 10 s (0: announce every step at once); --quiet turns progress off.
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
 #include <chrono>
-#include <map>
-#include <ctime>
+#include <condition_variable>
 #include <cstdlib>
+#include <ctime>
+#include <iomanip>
 #include <iostream>
+#include <map>
+#include <mutex>
 #include <new>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "nifti.hpp"
@@ -72,6 +83,96 @@ std::string weights_digest(const torch::jit::Module& module) {
     hasher.update(t.data_ptr(), t.nbytes());
   }
   return hasher.hex();
+}
+
+// Progress lines on stderr for the long steps (see the top of the file). A background thread
+// wakes a few times a second; it prints only for a step that has lasted `first_s_`, so the
+// output of quick runs, and the one-line errors, are unchanged.
+class Heartbeat {
+ public:
+  Heartbeat(bool enabled, double first_s, double every_s)
+      : enabled_(enabled), first_s_(first_s), every_s_(every_s) {
+    if (enabled_ && first_s_ > 0) worker_ = std::thread([this] { loop(); });
+  }
+  Heartbeat(const Heartbeat&) = delete;
+  Heartbeat& operator=(const Heartbeat&) = delete;
+  ~Heartbeat() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    if (worker_.joinable()) worker_.join();
+  }
+
+  // A step begins (the previous one, if any, ends first).
+  void begin(const std::string& what) {
+    end();
+    std::lock_guard<std::mutex> lock(mutex_);
+    what_ = what;
+    start_ = last_ = Clock::now();
+    announced_ = false;
+    if (enabled_ && first_s_ <= 0) {
+      say(what_ + " ...");
+      announced_ = true;
+    }
+  }
+
+  // The step ended: its time, if it was announced.
+  void end() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (what_.empty()) return;
+    if (announced_) say(what_ + " done in " + seconds_text(since(start_)));
+    what_.clear();
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  static double since(Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+  }
+  static std::string seconds_text(double s) {
+    std::ostringstream text;
+    text << std::fixed << std::setprecision(1) << s << " s";
+    return text.str();
+  }
+  static void say(const std::string& line) { std::cerr << "mtcmkd_segment: " << line << std::endl; }
+
+  void loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stopping_) {
+      wake_.wait_for(lock, std::chrono::milliseconds(200));
+      if (stopping_ || what_.empty()) continue;
+      const double running = since(start_);
+      if ((!announced_ && running >= first_s_) || (announced_ && since(last_) >= every_s_)) {
+        say(what_ + ": " + std::to_string(static_cast<long>(running)) + " s");
+        announced_ = true;
+        last_ = Clock::now();
+      }
+    }
+  }
+
+  const bool enabled_;
+  const double first_s_;
+  const double every_s_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::thread worker_;
+  bool stopping_ = false;
+  bool announced_ = false;
+  std::string what_;
+  Clock::time_point start_, last_;
+};
+
+// MTCMKD_SEGMENT_PROGRESS_S: seconds before a step is announced (default 10; 0 announces
+// every step at once).
+double progress_after_seconds() {
+  const char* text = std::getenv("MTCMKD_SEGMENT_PROGRESS_S");
+  if (text == nullptr || *text == '\0') return 10.0;
+  char* end = nullptr;
+  const double value = std::strtod(text, &end);
+  return (end != text && *end == '\0' && value >= 0) ? value : 10.0;
 }
 
 int usage(const char* message) {
@@ -145,6 +246,8 @@ static int run(int argc, char** argv) {
     return usage("OUTPUT must end in .nii or .nii.gz");
   }
   if (threads > 0) at::set_num_threads(threads);
+  Heartbeat progress(!quiet, progress_after_seconds(), 30.0);
+  progress.begin("loading " + module_path);
 
   torch::jit::Module module;
   torch::jit::ExtraFilesMap extra{{kMetadataFile, ""}, {kDigestFile, ""}};
@@ -187,6 +290,7 @@ static int run(int argc, char** argv) {
     return 2;
   }
 
+  progress.begin("reading " + input_path);
   nifti::Volume volume;
   try {
     volume = nifti::read(input_path, max_voxels);
@@ -201,6 +305,9 @@ static int run(int argc, char** argv) {
     return 2;
   }
 
+  progress.begin("segmenting " + input_path + " (" + std::to_string(volume.nx) + "x" +
+                 std::to_string(volume.ny) + "x" + std::to_string(volume.nz) + ", labels " +
+                 convention + ", " + std::to_string(at::get_num_threads()) + " threads)");
   const auto start = std::chrono::steady_clock::now();
   const std::clock_t cpu_start = std::clock();  // process CPU time, all threads (Linux)
   std::vector<std::uint8_t> labels;
@@ -234,6 +341,7 @@ static int run(int argc, char** argv) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const double cpu_seconds = static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
 
+  progress.begin("writing " + output_path);
   try {
     nifti::write_labels(output_path, volume, labels);
   } catch (const nifti::NiftiError& e) {
@@ -243,6 +351,7 @@ static int run(int argc, char** argv) {
     std::cerr << "error: " << output_path << ": " << short_error(e.what()) << "\n";
     return 2;
   }
+  progress.end();
   if (!quiet) {
     std::size_t counts[256] = {0};
     for (std::uint8_t v : labels) ++counts[v];

@@ -19,6 +19,8 @@ One module per concern; the thin CLI strings them together:
   :func:`store_scoring_cases`: predictions and truth are put back on the original grid).
 - :mod:`.prediction_source`: prediction files of any tool as the cases to score
   (:func:`match_prediction_files`, :func:`prediction_file_cases`).
+- :mod:`.segmentations`: the scored label maps of `evaluate --run` as NIfTI files in the
+  release's values on the original grid (:class:`SegmentationWriter`).
 - :mod:`.references`: published results to print next to ours (:data:`REFERENCE_NUMBERS`).
 - :mod:`.errors`: :class:`InputError` (a path, ``<path>: <reason>``) and
   :class:`EvaluationError` (anything else the user must fix).
@@ -85,8 +87,11 @@ from mtcmkd.evaluation.run_source import (
     RunEvaluationInputs,
     read_recorded_split,
     run_evaluation_inputs,
+    store_case_releases,
     store_scoring_cases,
+    trained_releases,
 )
+from mtcmkd.evaluation.segmentations import SegmentationWriter
 from mtcmkd.nifti_io import AFFINE_ATOL_MM
 
 __all__ = [
@@ -115,6 +120,7 @@ __all__ = [
     "ReferenceResult",
     "RunEvaluationInputs",
     "ScoringCase",
+    "SegmentationWriter",
     "check_output_folder",
     "check_prediction_input",
     "discover_prediction_inputs",
@@ -130,8 +136,10 @@ __all__ = [
     "run_evaluation_inputs",
     "score_case_record",
     "score_predictions",
+    "store_case_releases",
     "store_scoring_cases",
     "student_pipeline",
+    "trained_releases",
     "write_metrics",
     "write_prediction",
 ]

@@ -26,6 +26,7 @@ from mtcmkd.inference import (
     segment_volume,
     to_release_labels,
 )
+from mtcmkd.inference.predict import PipelineEnsemble
 from mtcmkd.nifti_io import InputError, write_label_nifti
 from mtcmkd.student_weights import StudentBundle
 
@@ -70,7 +71,7 @@ def student_pipeline(bundle: StudentBundle, settings: InferenceSettings | None =
 
 
 def predict_case(bundle: StudentBundle, item: PredictionInput, *,
-                 pipeline: InferencePipeline | None = None,
+                 pipeline: InferencePipeline | PipelineEnsemble | None = None,
                  settings: InferenceSettings | None = None, postprocess_et: int | None = None,
                  device: torch.device | str | None = None) -> CasePrediction:
     """Segment one case from its raw files (brain crop, z-score, windows or box, uncrop).
@@ -79,7 +80,8 @@ def predict_case(bundle: StudentBundle, item: PredictionInput, *,
     brain crop. Nothing is written.
 
     Args:
-        pipeline: the student's pipeline (:func:`student_pipeline`); built from `settings` and
+        pipeline: the student's pipeline (:func:`student_pipeline`), or several students'
+            (:class:`~mtcmkd.inference.predict.PipelineEnsemble`); built from `settings` and
             `device` when not given.
 
     Raises:

@@ -40,7 +40,9 @@ __all__ = [
     "normalise_split",
     "read_recorded_split",
     "run_evaluation_inputs",
+    "store_case_releases",
     "store_scoring_cases",
+    "trained_releases",
 ]
 
 
@@ -335,3 +337,37 @@ def store_scoring_cases(bundle: StudentBundle, store: Path, case_ids: Sequence[s
             image=uncrop(image[0], bbox, shape) if with_image else None,
             affine=np.asarray(attrs["affine"], dtype=np.float64),
         )
+
+
+def store_case_releases(store: Path, case_ids: Sequence[str]) -> tuple[str, ...]:
+    """The releases (``"2021"``, ``"2023"``, ``"msd"`` ...) the store's `case_ids` were
+    converted from, sorted, read from each case's attributes (one small JSON per case).
+
+    Raises:
+        StoreFormatError, KeyError: not a store, or a case it does not hold.
+    """
+    cases = open_store(store)["cases"]
+    return tuple(sorted({str(cases[case_id].attrs["release"]) for case_id in case_ids}))
+
+
+def trained_releases(run_dir: Path) -> tuple[str, ...] | None:
+    """The releases of the cases a run trained on, from its store; None when that cannot be
+    told (a student file rather than a run folder, or a store no longer reachable).
+
+    Reads ``RUN/splits.json`` (its training cases and the store's absolute path) and the run's
+    config; the store's labelled cases stand in for a run that predates recorded splits.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        recorded = read_recorded_split(run_dir)
+        cfg = load_config(run_dir / "config.yaml")
+        store = _run_store(cfg.data.store, recorded)
+        if store is None or not store.is_dir():
+            return None
+        ids = (recorded.train if recorded is not None and recorded.train
+               else StoreInfo.read(store).labelled_cases)
+        return store_case_releases(store, ids)
+    except (InputError, ConfigError, StoreFormatError, FileNotFoundError, KeyError, OSError):
+        return None

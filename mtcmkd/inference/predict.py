@@ -2,6 +2,8 @@
 
 :func:`segment_volume` runs a built pipeline on one (C, D, H, W) array; :func:`predict_volume`
 builds the pipeline for a network and runs it (one call, for library users and tests).
+:class:`PipelineEnsemble` runs several models' pipelines (the folds of a cross-validation) on one
+input and labels the mean of their probabilities, as nnU-Net ensembles folds.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from mtcmkd.inference.labels import probabilities_to_labels
 from mtcmkd.inference.pipeline import InferencePipeline, build_pipeline
 from mtcmkd.inference.settings import InferenceSettings
 
-__all__ = ["VolumePrediction", "brain_bbox", "predict_volume", "segment_volume"]
+__all__ = ["PipelineEnsemble", "VolumePrediction", "brain_bbox", "predict_volume",
+           "segment_volume"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,72 @@ def brain_bbox(image_channels: np.ndarray) -> list[list[int]]:
     return bbox
 
 
-def segment_volume(pipeline: InferencePipeline, image_channels: np.ndarray) -> VolumePrediction:
+class PipelineEnsemble(nn.Module):
+    """Several models on one input: the mean of their class probabilities, then labels.
+
+    Each member is a whole :class:`InferencePipeline` (its own windows, blending and settings);
+    the members' probabilities on the brain box are averaged with equal weights and turned into
+    labels once (argmax of the mean for softmax, the nested 0.5 thresholds of the mean for
+    regions), which is how nnU-Net ensembles the models of its folds. Averaging labels instead
+    would lose the confidence of each model. One member gives that member's result exactly.
+    Duck-types :meth:`InferencePipeline.segment` and ``label_lut``, so :func:`segment_volume`
+    and every caller of a pipeline take an ensemble unchanged (eager only: not scripted).
+
+    Raises:
+        ValueError: no member, or members that disagree on the output kind, the number of
+            input channels, the label values or the input handling (crop, z-score); in
+            :meth:`segment`, members whose brain boxes or probability shapes differ.
+    """
+
+    def __init__(self, pipelines: Sequence[InferencePipeline]) -> None:
+        super().__init__()
+        if not pipelines:
+            raise ValueError("an ensemble needs at least one pipeline")
+        first = pipelines[0]
+        for i, other in enumerate(pipelines[1:], start=1):
+            same = (other.output == first.output and other.n_channels == first.n_channels
+                    and other.crop == first.crop and other.zscore == first.zscore
+                    and torch.equal(other.label_lut.cpu(), first.label_lut.cpu()))
+            if not same:
+                raise ValueError(f"ensemble member {i} differs from member 0 in its output "
+                                 "kind, input channels, label values or input handling")
+        self.members = nn.ModuleList(pipelines)
+        self.output: str = first.output
+        self.register_buffer("label_lut", first.label_lut.clone())
+
+    def segment(self, x: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """As :meth:`InferencePipeline.segment`, with the members' mean probabilities."""
+        if len(self.members) == 1:
+            return self.members[0].segment(x)
+        total: Tensor | None = None
+        box: list[int] = []
+        for i, member in enumerate(self.members):
+            _, probs, member_box = member.segment(x)
+            if total is None:
+                total, box = probs.clone(), member_box
+            elif member_box != box or probs.shape != total.shape:
+                raise ValueError(f"ensemble member {i} saw another brain box or gave "
+                                 f"probabilities of another shape ({list(probs.shape)} vs "
+                                 f"{list(total.shape)})")
+            else:
+                total += probs
+        assert total is not None
+        mean = total / len(self.members)
+        with torch.no_grad():
+            canonical = probabilities_to_labels(mean, self.output)
+            labels = torch.zeros([1, x.size(2), x.size(3), x.size(4)], dtype=torch.uint8,
+                                 device=x.device)
+            lut = self.label_lut.to(canonical.device)
+            labels[0, box[0]:box[1], box[2]:box[3], box[4]:box[5]] = lut[canonical.long()]
+        return labels, mean, box
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Raw (1, C, D, H, W) -> uint8 labels (1, D, H, W) in the label values."""
+        return self.segment(x)[0]
+
+
+def segment_volume(pipeline: InferencePipeline | PipelineEnsemble,
+                   image_channels: np.ndarray) -> VolumePrediction:
     """Run `pipeline` on one (C, D, H, W) array on the pipeline's device; results on the host.
 
     Raises:

@@ -398,8 +398,8 @@ def test_predictions_in_the_wrong_convention_fail_loudly(env, tmp_path):
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
-def test_evaluate_needs_year_and_one_source(env, tmp_path):
-    one_line_error(invoke("evaluate", "--run", env["run"]))
+def test_evaluate_needs_one_source(env, tmp_path):
+    # (--year is detected from the store or --gt: tests/test_cli_vocabulary.py)
     one_line_error(invoke("evaluate", "--year", "2021"))
     one_line_error(invoke("evaluate", "--year", "2021", "--pred", tmp_path))
 

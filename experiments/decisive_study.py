@@ -196,6 +196,9 @@ def common(args: argparse.Namespace, store: str, seed: int, epochs: int) -> dict
         "train.log_every": 10,
         "train.val_cases": None,
         "train.val_every": val_every(args, epochs),
+        # the full sliding window every validation, as in docs/RESULTS.md (the trajectory and
+        # the convergence rule read its Dice; a patch estimate is another quantity)
+        "train.validation": "full",
         "train.ckpt_every": epochs * args.iters,  # steps: one checkpoint, at the end
         "train.plateau_start_epoch": epochs,  # no LR schedule within this budget
     }

@@ -245,10 +245,11 @@ def test_validator_keeps_the_best_and_skips_the_plateau_while_the_student_is_fro
     monkeypatch.setattr(validation, "validate", lambda *a: dict.fromkeys(("WT", "TC", "ET"),
                                                                          next(scores)))
     saved: list[tuple[int, float]] = []
-    saver = SimpleNamespace(save_best=lambda state, val, mean: saved.append((state.epoch, mean)))
+    saver = SimpleNamespace(save_best=lambda state, val, mean, kind: saved.append((state.epoch,
+                                                                                   mean)))
     method = SimpleNamespace(frozen_groups=lambda epoch: {"student"} if epoch < 2 else set())
     cfg = _cfg(None, "train.val_every=2", "train.plateau_start_epoch=0",
-               "train.plateau_patience=0", "train.plateau_factor=0.5")
+               "train.plateau_patience=0", "train.plateau_factor=0.5", "train.validation=full")
     opt = _optimizer()
     validator = Validator(method, cfg, ["c1"], SimpleNamespace(), opt, saver, echo=print)
     state, results = LoopState(), []
@@ -374,7 +375,7 @@ def test_preempted_and_resumed_run_ends_as_an_uninterrupted_one(store, one_rank,
     ref = train(cfg, tmp_path / "ref", echo=lambda msg: None)
     assert ref["preempted"] is False and ref["step"] == 6 and ref["ranks_in_sync"] is True
     assert list(ref) == ["preempted", "seconds", "ranks_in_sync", "epoch", "step",
-                         "best_mean_dice", "best_epoch", "run_dir", "world_size"]
+                         "best_mean_dice", "best_val_kind", "best_epoch", "run_dir", "world_size"]
 
     def warn_at_step_2(msg: str) -> None:  # the warning SLURM sends, mid-epoch
         if msg.startswith("epoch 0 step 2 "):

@@ -6,7 +6,9 @@ and what a run saves:
 
 - `save(state)`: every rank writes its part through DeepSpeed, rank 0 marks it complete, then
   writes `student.pt` (the student network alone, for inference and export);
-- `save_best(state, val)`: `best_student.pt` and `best.json` when validation improved;
+- `save_best(state, val, mean, kind)`: `best_student.pt` and `best.json` when validation
+  improved; `save_best_full`: the full Dice of a best chosen on a patch estimate (the
+  end of training), `load_best`: its weights read back for that pass;
 - `finish(state)`: the end-of-run checkpoint (or only the student file when the last step was
   just saved);
 - `preemption_requested()`: SIGUSR1/SIGTERM (SLURM's `--signal` warning, scancel) on any rank,
@@ -33,7 +35,8 @@ from mtcmkd.engine.dist import DistInfo, all_reduce
 from mtcmkd.engine.errors import TrainError
 from mtcmkd.engine.run_folder import mark_preempted
 from mtcmkd.engine.state import LoopState
-from mtcmkd.student_weights import save_student
+from mtcmkd.messages import first_line
+from mtcmkd.student_weights import load_student, save_student
 
 
 class Preemption:
@@ -152,24 +155,64 @@ class Checkpointer:
 
     # ---- student files (rank 0 only; the callers check)
     def save_student(self, name: str, state: LoopState,
-                     val_dice: dict[str, float] | None = None) -> None:
-        """`RUN/<name>`: the student network with what inference needs to use it."""
+                     val_dice: dict[str, float] | None = None, *,
+                     network: torch.nn.Module | None = None,
+                     at: tuple[int, int] | None = None) -> None:
+        """`RUN/<name>`: the student network (or `network`, e.g. the best one read back) with
+        what inference needs to use it; `at` = (step, epoch) of those weights, default the
+        state's."""
         cfg = self.cfg
-        save_student(self.out / name, self.method.student_network(), config=to_dict(cfg),
-                     config_hash=self.config_hash,
+        step, epoch = (state.step, state.epoch) if at is None else at
+        save_student(self.out / name,
+                     self.method.student_network() if network is None else network,
+                     config=to_dict(cfg), config_hash=self.config_hash,
                      channels=tuple(self.method.student_channels()), output=cfg.model.output,
                      n_classes=cfg.model.n_classes,
                      patch_size=tuple(cfg.data.patch_size), val_dice=val_dice or {},
-                     step=state.step, epoch=state.epoch)
+                     step=step, epoch=epoch)
 
-    def save_best(self, state: LoopState, val: dict[str, float], mean_dice: float) -> None:
-        """`best_student.pt` and `best.json` of a validation that improved (rank 0 writes)."""
+    def save_best(self, state: LoopState, val: dict[str, float], mean_dice: float,
+                  kind: str = "full") -> None:
+        """`best_student.pt` and `best.json` of a validation that improved (rank 0 writes);
+        `kind` ("patch" | "full") says what the Dice is (best.json's `val_kind`)."""
         if not self.dist.is_main:
             return
         self.save_student("best_student.pt", state, val)
         atomic_write_text(self.out / "best.json", json.dumps(
-            {"epoch": state.epoch, "step": state.step, "mean_dice": mean_dice, "dice": val},
-            indent=2) + "\n")
+            {"epoch": state.epoch, "step": state.step, "mean_dice": mean_dice, "dice": val,
+             "val_kind": kind}, indent=2) + "\n")
+
+    def load_best(self, like: torch.nn.Module) -> tuple[torch.nn.Module, int, int]:
+        """The weights of `best_student.pt` (every rank reads; the caller waits for rank 0 to
+        have written it) in a network on `like`'s device and dtype, with their step and epoch.
+
+        Raises:
+            TrainError: the file is gone or unreadable.
+        """
+        path = self.out / "best_student.pt"
+        try:
+            bundle = load_student(path)
+        except (OSError, ValueError, ckpt.CheckpointError) as exc:
+            raise TrainError(f"{path}: cannot read the best student back for its final full "
+                             f"validation ({first_line(exc)})") from None
+        param = next(like.parameters())
+        network = bundle.network.to(device=param.device, dtype=param.dtype)
+        return network, int(bundle.meta.get("step", 0)), int(bundle.meta.get("epoch", 0))
+
+    def save_best_full(self, network: torch.nn.Module, step: int, epoch: int,
+                       full: dict[str, float], estimate: dict[str, float]) -> None:
+        """`best_student.pt` and `best.json` again, with the full Dice of the best student
+        chosen on the patch `estimate` (kept in best.json as `selected_on`); rank 0 writes."""
+        if not self.dist.is_main:
+            return
+        self.save_student("best_student.pt", LoopState(), full, network=network,
+                          at=(step, epoch))
+        mean = float(sum(full.values()) / len(full))
+        atomic_write_text(self.out / "best.json", json.dumps(
+            {"epoch": epoch, "step": step, "mean_dice": mean, "dice": full, "val_kind": "full",
+             "selected_on": {"val_kind": "patch",
+                             "mean_dice": float(sum(estimate.values()) / len(estimate)),
+                             "dice": estimate}}, indent=2) + "\n")
 
     # ---- preemption
     def listen_for_preemption(self) -> None:

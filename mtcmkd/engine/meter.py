@@ -10,6 +10,8 @@ A train record of log.jsonl::
 
 Loss values and times are means over the micro-batches since the previous record; `time/data`
 is the wait for the next batch including moving it to the device (`finish_batch`).
+`samples_per_s` counts training time only: the loop runs the epoch end (validation) inside
+`Meter.paused()`, whose time it reports on its own (the epoch record's `val/seconds`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ class Meter:
         start = self.clock()
         yield
         self.seconds[phase] += self.clock() - start
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time that is not training (validation at an epoch end): the window of the next
+        record starts that much later, so `samples_per_s` and the phase means ignore it."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.since += self.clock() - start
 
     def timed_batches(self, batches: Iterable[T]) -> Iterator[T]:
         """`batches`, timing each wait as the `data` phase (the final, empty wait is not)."""

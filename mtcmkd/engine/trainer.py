@@ -51,7 +51,7 @@ from mtcmkd.engine.run_folder import (
     write_summary,
 )
 from mtcmkd.engine.state import LoopState
-from mtcmkd.engine.validation import validate
+from mtcmkd.engine.validation import best_full_dice, mean_dice, selecting_kind, validate
 
 # The names callers imported from here before the loop was split into modules.
 __all__ = [
@@ -118,7 +118,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, memory_check: bool
                     checkpointer.mark_preempted(state)  # before the barrier: no rank exits first
                     return _finish(run, {"preempted": True})
                 checkpointer.maybe_save(state)
-            end_epoch(run)
+            with meter.paused():  # validation is not step time (its own seconds are logged)
+                end_epoch(run)
         checkpointer.finish(state)
         return _finish(run, {"preempted": False, "seconds": time.perf_counter() - started,
                              "ranks_in_sync": ranks_in_sync(run.method)})
@@ -143,20 +144,20 @@ def train_step(run: TrainRun, batch: dict[str, torch.Tensor], meter: Meter) -> b
 
 
 def end_epoch(run: TrainRun) -> None:
-    """The method's statistics summed over ranks (`Method.end_epoch`), validation, the epoch
-    record of log.jsonl; then the state moves to the next epoch."""
+    """The method's statistics summed over ranks (`Method.end_epoch`), validation (its own
+    lines; at the last epoch also the final full pass), the epoch record of log.jsonl (the
+    validation's keys: `Validator`'s `EpochValidation.record`); then the state moves to the
+    next epoch."""
     state = run.state
     reduced = _all_reduce_sum(state.epoch_stats) if state.epoch_stats else {}
     record = {"kind": "epoch", "epoch": state.epoch, "step": state.step,
               **run.method.end_epoch(reduced)}
     val = run.validator.end_epoch(state)
     if val is not None:
-        record.update({f"val/dice_{k}": v for k, v in val.items()})
+        record.update(val.record())
     run.log.write(record)
     if run.dist.is_main:
-        echo_val = "" if val is None else " val dice " + " ".join(
-            f"{k} {v:.3f}" for k, v in val.items())
-        run.echo(f"epoch {state.epoch} done{echo_val}")
+        run.echo(f"epoch {state.epoch} done")
     state.next_epoch()
 
 
@@ -193,8 +194,14 @@ def _resume_hint(run: TrainRun) -> str:
 def _finish(run: TrainRun, summary: dict[str, Any]) -> dict[str, Any]:
     """The run's summary (what summary.json holds), after every rank got here (a barrier)."""
     state = run.state
-    summary.update({"epoch": state.epoch, "step": state.step, "best_mean_dice":
-                    None if state.best_epoch < 0 else state.best_metric,
+    # The best student's full Dice when a full pass scored it (always at the end of a
+    # finished run), else the estimate that chose it; best_val_kind says which.
+    full = best_full_dice(state)
+    best = None if state.best_epoch < 0 else state.best_metric
+    summary.update({"epoch": state.epoch, "step": state.step,
+                    "best_mean_dice": mean_dice(full) if full is not None else best,
+                    "best_val_kind": "full" if full is not None
+                    else selecting_kind(state) if best is not None else None,
                     "best_epoch": state.best_epoch, "run_dir": str(run.out),
                     "world_size": run.dist.world_size})
     run.log.close()

@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -79,8 +78,12 @@ class BarlowKD(OneTeacherMethod):
         target = target_labels(labels, self.output)
         target_half = downsample_labels(target, 2)
         online = not self.teachers_offline  # offline: a frozen teacher, only the student learns
-        with torch.set_grad_enabled(online and torch.is_grad_enabled()):
-            teacher = self.teacher.forward_features(take_channels(image, self._teacher_index))
+        teacher_input = take_channels(image, self._teacher_index)
+        if online:
+            teacher = self.teacher.forward_features(teacher_input)
+        else:  # in method.teacher_precision; its logits only feed the teacher's Dice stats
+            teacher = self.frozen_teacher_features(self.teacher, teacher_input,
+                                                   ("logits", "bottleneck"))
         student = self.student.forward_features(self._student_input(image))
         z_teacher = bottleneck_embeddings(teacher["bottleneck"], m.barlow_pool)
         z_student = bottleneck_embeddings(student["bottleneck"], m.barlow_pool)

@@ -150,6 +150,7 @@ class Method(nn.Module, abc.ABC):
         self.n_classes: int = cfg.model.n_classes
         self._student_index = self._channel_index(cfg.method.student_modalities, "student")
         self._offline: frozenset[str] = frozenset()
+        self.teacher_precision: str = cfg.method.teacher_precision
 
     # -- offline teachers (method.teachers_from)
 
@@ -192,6 +193,28 @@ class Method(nn.Module, abc.ABC):
             for name in self._offline:
                 networks[name][0].eval()
         return self
+
+    def frozen_teacher_features(self, network: nn.Module, x: Tensor,
+                                keys: Sequence[str]) -> dict[str, Tensor]:
+        """``network.forward_features(x)`` of a frozen offline teacher, without autograd: the
+        entries ``keys`` only.
+
+        ``method.teacher_precision: fp32`` runs exactly the float32 forward. ``bf16`` runs it
+        under bfloat16 autocast with the input and the 5D weights in channels-last-3d memory
+        (oneDNN's fast bf16 kernels need both; the weights are converted on the first call,
+        values unchanged) and hands back contiguous float32 tensors, so every loss downstream
+        computes as with fp32 teachers, on teacher outputs within bf16 rounding of them.
+        """
+        with torch.no_grad():
+            if self.teacher_precision != "bf16":
+                out = network.forward_features(x)
+                return {k: out[k] for k in keys}
+            _to_channels_last(network)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                out = network.forward_features(x)
+            return {k: out[k].to(torch.float32, memory_format=torch.contiguous_format)
+                    for k in keys}
 
     # -- construction helpers
 
@@ -314,6 +337,16 @@ class Method(nn.Module, abc.ABC):
             ],
             "settings": settings,
         }
+
+
+def _to_channels_last(network: nn.Module) -> None:
+    """5D weights of ``network`` to channels-last-3d memory, once (a no-op when they are).
+
+    Done at the first bf16 teacher forward rather than when the teachers are frozen, so the
+    engine set-up (DeepSpeed's broadcast of the module) sees plain contiguous tensors."""
+    if any(p.dim() == 5 and not p.is_contiguous(memory_format=torch.channels_last_3d)
+           for p in network.parameters()):
+        network.to(memory_format=torch.channels_last_3d)
 
 
 class OneTeacherMethod(Method):

@@ -83,8 +83,12 @@ class KDNet(OneTeacherMethod):
                 logits = self.student(student_input)
         else:
             self._set_teacher_frozen(True)
-            with torch.no_grad():
-                teacher = self.teacher.forward_features(teacher_input)
+            if self.teachers_offline:  # loaded frozen: in method.teacher_precision
+                teacher = self.frozen_teacher_features(self.teacher, teacher_input,
+                                                       ("logits", "bottleneck"))
+            else:
+                with torch.no_grad():
+                    teacher = self.teacher.forward_features(teacher_input)
             teacher_logits = teacher["logits"]
             student = self.student.forward_features(student_input)
             logits = student["logits"]

@@ -113,13 +113,17 @@ class MTCMKD(Method):
         terms: dict[str, Tensor] = {}
 
         # Teachers + CDSFL: L_T. Offline teachers (method.teachers_from) are frozen: forward
-        # only, no loss; CDSFL trains on their features unless it was loaded too.
+        # only (in method.teacher_precision), no loss; CDSFL trains on their features unless it
+        # was loaded too.
         online = not self.teachers_offline
         teacher_logits: dict[str, Tensor] = {}
         features: list[Tensor] = []
         for mod, net in self.teachers.items():
-            with torch.set_grad_enabled(online and torch.is_grad_enabled()):
-                out = net.forward_features(take_channels(image, self._teacher_index[mod]))
+            x = take_channels(image, self._teacher_index[mod])
+            if online:
+                out = net.forward_features(x)
+            else:
+                out = self.frozen_teacher_features(net, x, ("logits", "features_half"))
             teacher_logits[mod] = out["logits"]
             features.append(out["features_half"])
             if online:

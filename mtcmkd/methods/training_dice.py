@@ -40,7 +40,10 @@ def hard_region_masks(logits: Tensor, output: str) -> tuple[Tensor, Tensor]:
     with logit > 0 (probability > 0.5).
     """
     if output == "softmax":
-        pred = logits.argmax(dim=1)
+        # max(dim).indices is argmax (the first maximum, NaN as the maximum) but ~10x faster on
+        # a CPU for (B, C, D, H, W): argmax over a strided dim takes a slow path (~10 ms at
+        # 2 x 4 x 32^3, a teacher's share of an offline step).
+        pred = logits.max(dim=1).indices
         return pred != 0, (pred == 1) | (pred == 3)
     return logits[:, 0] > 0, logits[:, 1] > 0
 

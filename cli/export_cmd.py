@@ -1,9 +1,13 @@
-"""`mtcmkd export`: a trained student as TorchScript (Python/C++), ONNX or .pt2.
+"""`mtcmkd export`: a trained student as TorchScript or an AOTI package (whole inference, Python
+and C++), ONNX or .pt2 (network at patch level).
 
-Thin layer over :mod:`mtcmkd.export`: parse, one library call, a summary table. Refusals
-(missing file, run folder without student, not a student file, weights that do not fit, bad
-options) are one ``error:`` line and exit code 2; a failed ``--verify``/parity check is exit
-code 1 and removes the file it checked, so a mismatching artefact is never left behind.
+Thin layer over :mod:`mtcmkd.export`: parse, one library call, a summary table. One vocabulary
+in every export: the release of the label values is ``--year``, the self-check after writing is
+``--check/--no-check`` (on by default); the older spellings of ``export torchscript``
+(``--labels``, ``--verify``) still work, hidden from the help. Refusals (missing file, run
+folder without student, not a student file, weights that do not fit, bad options) are one
+``error:`` line and exit code 2; a failed check is exit code 1 and removes the file it checked,
+so a mismatching artefact is never left behind.
 """
 
 from __future__ import annotations
@@ -20,14 +24,31 @@ fail = failer("export")
 
 export_app = typer.Typer(
     name="export",
-    help="Export a trained student: TorchScript (whole inference, Python and C++), ONNX or "
-         ".pt2 (network at patch level).",
+    help="Export a trained student: an AOTInductor package or TorchScript (whole inference, "
+         "Python and C++), ONNX or .pt2 (network at patch level).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 _SOURCE_HELP = "Run folder (best_student.pt, else student.pt) or a student weights file."
+_YEAR_HELP = "Release whose label values the output uses: 2021 (ET=4, also 2018-2020), 2023 " \
+             "(ET=3) or msd."
+_CHECK_HELP = "Reload the written file and compare it with eager inference; a mismatch removes " \
+              "the file (exit 1)."
+
+
+def _release_option(year: str, labels: str | None) -> tuple[str, str]:
+    """(release, the option that named it): the hidden `--labels` alias wins when given, so an
+    error names the option the user typed."""
+    from mtcmkd.brats import release
+
+    value, flag = (labels, "--labels") if labels is not None else (year, "--year")
+    try:
+        release(value)
+    except ValueError as exc:
+        fail(f"{flag}: {exc}")
+    return value, flag
 
 
 def _summary(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -52,18 +73,19 @@ def _size(path: Path) -> str:
 def export_torchscript_cmd(
     source: Annotated[Path, typer.Argument(help=_SOURCE_HELP)],
     out: Annotated[Path, typer.Option("--out", "-o", help="TorchScript file to write (.pt).")],
-    labels: Annotated[str, typer.Option(
-        help="Label values of the output: 2021 (ET=4, also 2018-2020), 2023 (ET=3) or msd.")
-    ] = "2021",
+    year: Annotated[str, typer.Option("--year", help=_YEAR_HELP)] = "2021",
     overlap: Annotated[float, typer.Option(
         help="Sliding-window overlap in [0, 1), fixed into the file.")] = 0.5,
     mirror: Annotated[bool, typer.Option(
         "--mirror", help="Mirror test-time augmentation (8 passes per window).")] = False,
-    verify: Annotated[bool, typer.Option(
-        "--verify", help="Reload the file and compare with eager inference on two volume "
-                         "sizes (probabilities within 1e-4, identical labels).")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help=_CHECK_HELP + " Two volume sizes; probabilities within "
+                                   "1e-4, identical labels.")] = True,
+    labels: Annotated[str | None, typer.Option("--labels", hidden=True)] = None,
+    verify: Annotated[bool, typer.Option("--verify", hidden=True)] = False,
 ) -> None:
     """The whole inference (crop, z-score, sliding window, labels) as one TorchScript file."""
+    # --labels and --verify: the older names of --year and --check, kept working, hidden.
     from mtcmkd.export.source import ExportError, check_export_target
     from mtcmkd.export.torchscript import export_torchscript, verify_export
 
@@ -71,13 +93,14 @@ def export_torchscript_cmd(
         check_export_target(source, out)
     except ExportError as exc:
         fail(str(exc))
+    chosen, flag = _release_option(year, labels)
 
     try:
         with console.status(f"scripting {source}"):
-            result = export_torchscript(source, out, labels=labels, overlap=overlap,
+            result = export_torchscript(source, out, labels=chosen, overlap=overlap,
                                         mirror=mirror)
     except ExportError as exc:
-        fail(str(exc))
+        fail(str(exc).replace("--labels", flag))
     meta = result.metadata
     _summary("TorchScript export", [
         ("file", f"{result.path} ({_size(result.path)})"),
@@ -91,7 +114,7 @@ def export_torchscript_cmd(
                     f"{meta['config_hash']}, mtcmkd {meta['mtcmkd_version']}"),
         ("val Dice", _dice(meta)),
     ])
-    if not verify:
+    if not (check or verify):
         return
 
     try:
@@ -167,6 +190,9 @@ def export_onnx_cmd(
 def export_pt2_cmd(
     source: Annotated[Path, typer.Argument(help=_SOURCE_HELP)],
     out: Annotated[Path, typer.Option("--out", "-o", help="torch.export archive (.pt2).")],
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help=_CHECK_HELP + " Two input shapes, logits within 1e-4.")
+    ] = True,
 ) -> None:
     """The student network at patch level as a torch.export program (torch.export.load)."""
     from mtcmkd.export.patch_network import export_pt2
@@ -179,9 +205,65 @@ def export_pt2_cmd(
 
     try:
         with console.status(f"exporting {source} with torch.export"):
-            result = export_pt2(source, out)
+            result = export_pt2(source, out, check=check)
     except VerificationError as exc:
         fail(str(exc), code=1)
     except ExportError as exc:
         fail(str(exc))
     _summary("torch.export (.pt2) export", _patch_rows(result))
+
+
+@export_app.command("aoti")
+def export_aoti_cmd(
+    source: Annotated[Path, typer.Argument(help=_SOURCE_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="AOTInductor package to write (.pt2).")],
+    year: Annotated[str, typer.Option("--year", help=_YEAR_HELP)] = "2021",
+    overlap: Annotated[float, typer.Option(
+        help="Sliding-window overlap in [0, 1), fixed into the package.")] = 0.5,
+    mirror: Annotated[bool, typer.Option(
+        "--mirror", help="Mirror test-time augmentation (8 passes per window).")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help=_CHECK_HELP + " Two volume sizes; identical labels.")
+    ] = True,
+) -> None:
+    """The whole inference (crop, z-score, sliding window, labels) compiled with AOTInductor:
+    a .pt2 package for Python (torch._inductor.aoti_load_package) and C++
+    (export/cpp mtcmkd_segment_aoti). Compiling takes about a minute."""
+    from mtcmkd.export.aoti import export_aoti
+    from mtcmkd.export.source import ExportError, VerificationError, check_export_target
+
+    try:
+        check_export_target(source, out)
+    except ExportError as exc:
+        fail(str(exc))
+    if out.suffix != ".pt2":
+        fail(f"{out}: an AOTI package must end in .pt2")
+    chosen, flag = _release_option(year, None)
+
+    try:
+        with console.status(f"compiling {source} with AOTInductor") as status:
+            result = export_aoti(source, out, labels=chosen, overlap=overlap, mirror=mirror,
+                                 check=check, progress=lambda msg: status.update(msg))
+    except VerificationError as exc:
+        fail(str(exc), code=1)
+    except ExportError as exc:
+        fail(str(exc).replace("--labels", flag))
+    meta = result.metadata
+    rows: list[tuple[str, Any]] = [
+        ("file", f"{result.path} ({_size(result.path)}), compiled in "
+                 f"{result.compile_seconds:.0f} s"),
+        ("input", f"{', '.join(meta['modalities'])}: float32 (1, {len(meta['modalities'])}, "
+                  f"D, H, W), raw; each size {meta['min_size']}-{meta['max_size']}"),
+        ("labels", f"{meta['label_convention']}: "
+                   + ", ".join(f"{v} {k}" for k, v in meta["label_values"].items())),
+        ("window", f"patch {'x'.join(map(str, meta['patch_size']))}, overlap {meta['overlap']}"
+                   + (", mirror TTA" if meta["mirror"] else "")),
+        ("student", f"{meta['method'] or '?'} / {meta['config_name'] or '?'}, config "
+                    f"{meta['config_hash']}, mtcmkd {meta['mtcmkd_version']}"),
+        ("val Dice", _dice(meta)),
+    ]
+    for case in result.cases:
+        rows.append((f"check {'x'.join(map(str, case.shape))}",
+                     f"labels identical to eager ({case.seconds_exported:.2f} s package, "
+                     f"{case.seconds_eager:.2f} s eager)"))
+    _summary("AOTInductor (.pt2) export", rows)

@@ -1,4 +1,5 @@
-"""Export a trained student for use without mtcmkd: TorchScript (Python and C++), ONNX, .pt2.
+"""Export a trained student for use without mtcmkd: AOTI and TorchScript (Python and C++), ONNX,
+.pt2.
 
 One module per format, plus what they share:
 
@@ -7,14 +8,17 @@ One module per format, plus what they share:
                       reload-and-compare verification against eager ``predict_volume``
     patch_network.py  the network alone as a torch.export program (.pt2), dynamic sizes
     onnx_export.py    the same program as ONNX, parity-checked with ONNX Runtime
-    cpp_client.py     builds the C++ client in cpp/ (reads NIfTI, runs the TorchScript file)
+    aoti.py           the same whole inference compiled with AOTInductor (.pt2 package)
+    cpp_client.py     builds the C++ programs in cpp/ (read NIfTI, run the TorchScript file or
+                      the AOTI package)
 
 The file formats and their contracts: ``export/README.md``.
 """
 
 from __future__ import annotations
 
-from .cpp_client import build_cpp_client, cpp_toolchain_missing
+from .aoti import export_aoti, load_aoti
+from .cpp_client import build_aoti_runner, build_cpp_client, cpp_toolchain_missing
 from .onnx_export import export_onnx, missing_onnx_packages
 from .patch_network import export_pt2, load_pt2
 from .source import ExportError, load_export_source
@@ -29,12 +33,15 @@ from .torchscript import (
 __all__ = [
     "METADATA_FILE",
     "ExportError",
+    "build_aoti_runner",
     "build_cpp_client",
     "build_inference_module",
     "cpp_toolchain_missing",
+    "export_aoti",
     "export_onnx",
     "export_pt2",
     "export_torchscript",
+    "load_aoti",
     "load_exported",
     "load_export_source",
     "load_pt2",

@@ -1,7 +1,9 @@
-"""Build the C++ client (``export/cpp``) against the libtorch inside the installed torch wheel.
+"""Build the C++ programs (``export/cpp``) against the libtorch inside the installed torch wheel.
 
-One function for the tests, the benchmark and users, so that all three build it the same way:
-CMake with ``CMAKE_PREFIX_PATH`` at ``torch.utils.cmake_prefix_path`` (about 15 s on two cores).
+One function per program for the tests, the benchmark and users, so that all three build them
+the same way: CMake with ``CMAKE_PREFIX_PATH`` at ``torch.utils.cmake_prefix_path`` (about 15 s
+per program on two cores). Both programs share one CMake project, so one build folder serves
+both and each call builds only its own target.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from pathlib import Path
 
 from .source import ExportError
 
-__all__ = ["CPP_SOURCE", "EXECUTABLE", "build_cpp_client", "cpp_toolchain_missing"]
+__all__ = ["AOTI_EXECUTABLE", "CPP_SOURCE", "EXECUTABLE", "build_aoti_runner", "build_cpp_client",
+           "cpp_toolchain_missing"]
 
 CPP_SOURCE = Path(__file__).resolve().parent / "cpp"
 EXECUTABLE = "mtcmkd_segment"
+#: The runner of AOTInductor packages (``export/cpp/aoti_main.cpp``).
+AOTI_EXECUTABLE = "mtcmkd_segment_aoti"
 
 
 def cpp_toolchain_missing() -> str | None:
@@ -32,14 +37,25 @@ def cpp_toolchain_missing() -> str | None:
 
 
 def build_cpp_client(build_dir: str | os.PathLike[str], *, jobs: int | None = None) -> Path:
-    """Configure and build ``mtcmkd_segment`` in `build_dir`; returns the executable's path.
+    """Configure and build ``mtcmkd_segment`` (TorchScript client) in `build_dir`; returns the
+    executable's path.
 
     Re-running reuses CMake's cache, so an up-to-date build costs about a second.
 
     Raises:
         ExportError: no toolchain, or CMake failed (the message ends with the build log's last
-            error line; the full log is in `build_dir`/build.log).
+            error line; the full log is in `build_dir`/build-<program>.log).
     """
+    return _build(build_dir, EXECUTABLE, jobs)
+
+
+def build_aoti_runner(build_dir: str | os.PathLike[str], *, jobs: int | None = None) -> Path:
+    """Configure and build ``mtcmkd_segment_aoti`` (AOTI package runner) in `build_dir`;
+    returns the executable's path. Same folder, cache and errors as :func:`build_cpp_client`."""
+    return _build(build_dir, AOTI_EXECUTABLE, jobs)
+
+
+def _build(build_dir: str | os.PathLike[str], target: str, jobs: int | None) -> Path:
     reason = cpp_toolchain_missing()
     if reason:
         raise ExportError(f"cannot build the C++ client: {reason}")
@@ -47,11 +63,12 @@ def build_cpp_client(build_dir: str | os.PathLike[str], *, jobs: int | None = No
 
     build = Path(build_dir)
     build.mkdir(parents=True, exist_ok=True)
-    log = build / "build.log"
+    log = build / f"build-{target}.log"
     steps = [
         ["cmake", "-S", str(CPP_SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-        ["cmake", "--build", str(build), "-j", str(jobs or os.cpu_count() or 2)],
+        ["cmake", "--build", str(build), "--target", target, "-j",
+         str(jobs or os.cpu_count() or 2)],
     ]
     with log.open("w") as sink:
         for step in steps:
@@ -61,7 +78,7 @@ def build_cpp_client(build_dir: str | os.PathLike[str], *, jobs: int | None = No
                 lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
                 errors = [ln for ln in lines if "error" in ln.lower()] or lines or ["no output"]
                 raise ExportError(f"C++ client build failed ({errors[-1].strip()}); log: {log}")
-    executable = build / EXECUTABLE
+    executable = build / target
     if not executable.is_file():
         raise ExportError(f"C++ client build produced no {executable}; log: {log}")
     return executable

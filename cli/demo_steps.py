@@ -13,7 +13,7 @@ Steps (each printed as the command a user would type, with its output and its ti
 4. ``mtcmkd evaluate --year 2021``: BraTS scores of the test set (the validation fold, said
    so, when the phantom is too small for one), overlay PNGs;
 5. ``mtcmkd report``: training curves and report.md;
-6. ``mtcmkd export torchscript --verify``: the whole inference in one file, checked on reload;
+6. ``mtcmkd export torchscript``: the whole inference in one file, checked on reload;
 7. the exported file on one held-out case, from Python (``torch.jit.load``) and from the C++
    client (built against the wheel's libtorch; skipped with the reason when no toolchain),
    and whether the two label maps agree.
@@ -173,7 +173,7 @@ def run_demo(settings: DemoSettings, *, say: Callable[[str], None] = print,
                              "--png", str(out / "overlays"))),
         ("report", _mtcmkd("report", str(run_dir))),
         ("export", _mtcmkd("export", "torchscript", str(run_dir), "--out", str(module_path),
-                           "--verify")),
+                           "--check")),
     ]
     steps: list[DemoStep] = []
     total = len(plan) + 1

@@ -97,13 +97,16 @@ class CaseProgress:
     """
 
     def __init__(self, verb: str, total: int, *, out: Console | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 window_every_s: float = 30.0) -> None:
         self.verb = verb
         self.total = total
         self.out = out if out is not None else console
         self.clock = clock
+        self.window_every_s = window_every_s
         self.done = 0
         self._start = self._last = 0.0
+        self._last_window_line = 0.0
         self._bar: Progress | None = None
         self._task = None
 
@@ -121,6 +124,24 @@ class CaseProgress:
                  tb: TracebackType | None) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def windows(self, done: int, total: int) -> str | None:
+        """Within the current case (a :func:`mtcmkd.inference.window_progress` callback): on a
+        terminal the bar's text; otherwise a line such as ``case 3/12: windows 400/1000, 2 min
+        left in the case`` at most every `window_every_s` seconds (none in a case shorter than
+        that). Returns the line when one is printed."""
+        now = self.clock()
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"windows {done}/{total}")  # type: ignore[arg-type]
+            return None
+        if done >= total or now - max(self._last, self._last_window_line) < self.window_every_s:
+            return None
+        self._last_window_line = now
+        left = (now - self._last) / done * (total - done)
+        line = (f"case {self.done + 1}/{self.total}: windows {done}/{total}, "
+                f"{format_duration(left)} left in the case")
+        self.out.print(line, soft_wrap=True, markup=False, highlight=False)
+        return line
 
     def case_done(self, case_id: str, status: str = "") -> str:
         """One case finished (`status`: e.g. "failed"); returns the line (printed when not on a

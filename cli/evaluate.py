@@ -132,7 +132,12 @@ def evaluate(
     if run is None and save_segmentations is not None:
         fail("--save-segmentations goes with --run (with --pred the segmentations are the "
              "files already)")
-    from mtcmkd.inference import InferenceSettings, apply_threads, resolve_precision
+    from mtcmkd.inference import (
+        InferenceSettings,
+        apply_threads,
+        resolve_precision,
+        window_progress,
+    )
 
     inference = inference_settings(fail, reference=reference, precision=precision,
                                    layout=layout, overlap=overlap, mirror=mirror,
@@ -222,7 +227,7 @@ def evaluate(
                                 f"{r} {record['dice'][r]:.3f}" for r in ("WT", "TC", "ET")))
             progress.case_done(case.case_id)
 
-        with CaseProgress("evaluate", n_cases) as progress:
+        with CaseProgress("evaluate", n_cases) as progress, window_progress(progress.windows):
             evaluation = score_predictions(cases, settings, source=source, on_case=on_case)
         if writer is not None:
             evaluation.source["segmentations"] = {"folder": str(save_segmentations),

@@ -168,7 +168,7 @@ def predict(
         student_pipeline,
         write_prediction,
     )
-    from mtcmkd.inference import apply_threads, resolve_precision
+    from mtcmkd.inference import apply_threads, resolve_precision, window_progress
     from mtcmkd.inference.predict import PipelineEnsemble
     from mtcmkd.integrity import CheckpointError
     from mtcmkd.student_weights import load_student, resolve_student_path
@@ -219,7 +219,7 @@ def predict(
             _print_failure(failures[-1])
 
     rows, written = [], []
-    with CaseProgress("predict", len(inputs)) as progress:
+    with CaseProgress("predict", len(inputs)) as progress, window_progress(progress.windows):
         for item in inputs:
             try:
                 result = predict_case(bundle, item, pipeline=pipeline,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_raw
 from rich.table import Table
 from test_evaluate import make_student
@@ -79,6 +80,39 @@ def test_case_progress_keeps_the_bar_and_prints_no_lines_on_a_terminal():
         bar.case_done("a")
         bar.case_done("b")
     assert "case 1/2" not in buffer.getvalue()  # the bar drew itself instead (transient)
+
+
+def test_progress_within_a_case_every_30_s_when_not_a_terminal():
+    buffer = io.StringIO()
+    out = _LogFriendlyConsole(file=buffer, highlight=False)
+    # start 0; windows reported at 10, 35, 50, 70 s; the case ends at 80 s
+    with CaseProgress("predict", 2, out=out,
+                      clock=FakeClock(0.0, 10.0, 35.0, 50.0, 70.0, 80.0)) as bar:
+        assert bar.windows(100, 1000) is None  # 10 s into the case: too early
+        assert bar.windows(350, 1000) == "case 1/2: windows 350/1000, 65 s left in the case"
+        assert bar.windows(500, 1000) is None  # 15 s after the last line
+        assert bar.windows(700, 1000) == "case 1/2: windows 700/1000, 30 s left in the case"
+        bar.case_done("BraTS2021_00000")
+    assert buffer.getvalue().splitlines()[:2] == [
+        "case 1/2: windows 350/1000, 65 s left in the case",
+        "case 1/2: windows 700/1000, 30 s left in the case"]
+
+
+def test_sliding_window_reports_its_windows_eagerly_and_scripts_unchanged():
+    from mtcmkd.inference import SlidingWindow, window_progress
+
+    net = torch.nn.Conv3d(1, 2, 1)
+    window = SlidingWindow(net, (8, 8, 8), 2, overlap=0.5, window_batch=2)
+    x = torch.rand(1, 1, 16, 12, 8)
+    calls: list[tuple[int, int]] = []
+    with window_progress(lambda done, total: calls.append((done, total))):
+        eager = window(x)
+        scripted = torch.jit.script(window)(x)
+    # 3 x 2 x 1 windows of 8 with step 4, two per network call
+    assert calls == [(2, 6), (4, 6), (6, 6)]
+    assert torch.equal(eager, scripted)
+    window(x)  # outside the block: no callback
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize(("seconds", "text"), [

@@ -31,6 +31,7 @@ from mtcmkd.inference.sliding_window import (
     OUTPUTS,
     SlidingWindow,
     gaussian_importance_map,
+    window_progress,
     window_starts,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "segment_volume",
     "to_release_labels",
     "uncrop",
+    "window_progress",
     "window_starts",
     "write_label_nifti",
 ]

@@ -5,17 +5,42 @@ inside ``forward`` in TorchScript-compatible code, so one scripted module serves
 traced module would bake in the shapes of the example volume. The same module also runs the
 network once over the whole volume padded to its stride (:meth:`SlidingWindow.whole`, the
 "box" layout), and owns how the network is called: mirrors, bf16 autocast, channels-last.
+
+Progress within a volume (:func:`window_progress`) is eager-only: the call sits under
+``if not torch.jit.is_scripting()``, which TorchScript does not compile, so scripted and exported
+modules are unchanged by it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OUTPUTS", "SlidingWindow", "gaussian_importance_map", "window_starts"]
+__all__ = ["OUTPUTS", "SlidingWindow", "gaussian_importance_map", "window_progress",
+           "window_starts"]
+
+# The callback of the innermost `window_progress` block (eager inference only).
+_WINDOW_PROGRESS: list[Callable[[int, int], None]] = []
+
+
+@contextmanager
+def window_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``callback(windows_done, windows_total)`` after every network call of every eager
+    :class:`SlidingWindow` pass inside this block (a progress line within a long case)."""
+    _WINDOW_PROGRESS.append(callback)
+    try:
+        yield
+    finally:
+        _WINDOW_PROGRESS.pop()
+
+
+def _report_windows(done: int, total: int) -> None:
+    if _WINDOW_PROGRESS:
+        _WINDOW_PROGRESS[-1](done, total)
 
 #: Output kinds: "softmax" = class probabilities (channels = classes, e.g. 4 canonical labels);
 #: "regions" = independent sigmoid probabilities of WT, TC, ET (in that channel order).
@@ -234,6 +259,8 @@ class SlidingWindow(nn.Module):
                     sd, sh, sw = s[0], s[1], s[2]
                     probs_sum[:, sd : sd + pd, sh : sh + ph, sw : sw + pw] += probs[i] * importance
                     weight_sum[sd : sd + pd, sh : sh + ph, sw : sw + pw] += importance
+                if not torch.jit.is_scripting():  # not compiled by TorchScript: eager only
+                    _report_windows(first + len(chunk), len(windows))
             blended = probs_sum / weight_sum
             blended = blended[:, lo_d : lo_d + d, lo_h : lo_h + h, lo_w : lo_w + w]
             return blended.unsqueeze(0)

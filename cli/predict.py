@@ -277,6 +277,11 @@ def predict(
                   f"{len(found.not_taken)} entries not taken; inference "
                   f"{describe_inference(settings, precision_used, n_threads)}, "
                   f"ET post-processing {post}; report: {report_path}", soft_wrap=True)
+    old = [f"{a} (now {b})" for a, b, given in (("--model", "--run", model),
+                                                ("--output", "--out", output_)) if given]
+    if old:  # at the end, so that an error stays the one line it is
+        err_console.print(f"note: {' and '.join(old)}: the old spelling works for a while",
+                          markup=False, highlight=False, soft_wrap=True)
     if failures:
         err_console.print(f"[bold red]{len(failures)} case(s) failed[/]; report: "
                           f"{escape(str(report_path))}", soft_wrap=True)

@@ -72,6 +72,11 @@ def test_predict_new_and_old_spellings_write_the_same_files(env, tmp_path):
         result = invoke("predict", "-i", env["raw"], *options)
         assert result.exit_code == 0, (name, result.output + result.stderr)
         written[name] = labels_of(Path(options[-1]))
+        notes = [line for line in result.stderr.splitlines() if "old spelling" in line]
+        if name.startswith("old"):
+            assert notes and "--model (now --run)" in notes[0], result.stderr
+        else:
+            assert not notes, result.stderr
     assert len(written["new"]) == len(env["ids"])
     assert all(files == written["new"] for files in written.values())
 

@@ -12,9 +12,13 @@ absent ones so callers can skip or refuse with that message instead of an Import
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,22 @@ def onnx_parity(path: str | os.PathLike[str], network: torch.nn.Module,
     return parity
 
 
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """Keep the exporter's own noise off the console (its progress lines are `verbose=False`;
+    its registry warnings, e.g. "torchvision is not installed", and deprecation warnings are
+    not the user's business). A failure still raises with torch's message."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 check: bool = True, tolerance: float = 1e-4) -> PatchExport:
     """Export the student network to one ONNX file and (with `check`) compare it with eager.
@@ -101,8 +121,9 @@ def export_onnx(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
     # ONNX Runtime's float32 normalisation kernels lose ~3e-3 at 128^3: see .onnx_norms.
     program = export_patch_program(bundle, onnx_friendly_norms(bundle.network))
     try:
-        onnx_program = torch.onnx.export(program, dynamo=True, input_names=["image"],
-                                         output_names=["logits"])
+        with _exporter_quiet():
+            onnx_program = torch.onnx.export(program, dynamo=True, input_names=["image"],
+                                             output_names=["logits"], verbose=False)
     except Exception as exc:  # the exporter raises many error types
         first = first_line(exc)
         raise ExportError(f"{source}: ONNX conversion failed ({first})") from None

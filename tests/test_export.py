@@ -446,12 +446,17 @@ def test_cpp_client_on_a_real_case(cpp_client, tmp_path):
 
 
 @pytest.mark.integration
-def test_onnx_parity_with_eager(student, tmp_path):
+def test_onnx_parity_with_eager(student, tmp_path, capfd):
     missing = missing_onnx_packages()
     if missing:
         pytest.skip(f"ONNX parity not checked: package(s) {', '.join(missing)} not installed "
                     "(test extra: onnx, onnxscript, onnxruntime)")
     result = export_onnx(student, tmp_path / "student.onnx")
+    # the exporter's own noise stays off the console (issue 20): no progress lines, no
+    # registry warnings ("torchvision is not installed"), no deprecation warnings
+    noise = capfd.readouterr()
+    assert "[torch.onnx]" not in noise.out + noise.err, noise
+    assert "torchvision" not in noise.err and "Warning" not in noise.err, noise.err
     assert len(result.parity) == 2
     assert all(diff <= 1e-4 for diff in result.parity.values()), result.parity
     import onnxruntime

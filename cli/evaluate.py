@@ -323,8 +323,8 @@ def _score_table(title: str, evaluation: Evaluation,
     for header, _, _ in columns:
         table.add_column(header, justify="right")
 
-    def cells(scores: dict[str, Any]) -> list[str]:
-        return [f"{scores[m][r]:.2f}" if "hd95" in m else _pct(scores[m][r])
+    def cells(scores: dict[str, Any]) -> list[str]:  # the units of metrics.json and .csv
+        return [f"{scores[m][r]:.2f}" if "hd95" in m else f"{scores[m][r]:.3f}"
                 for _, m, r in columns]
 
     if len(evaluation.cases) <= MAX_CASE_ROWS:
@@ -342,20 +342,20 @@ def _print_tables(evaluation: Evaluation) -> None:
     regions = ("WT", "TC", "ET")
     n = len(evaluation.cases)
     console.print(_score_table(
-        f"BraTS {settings.year}, legacy per-case rules ({n} cases; Dice %, HD95 mm)", evaluation,
+        f"BraTS {settings.year}, legacy per-case rules ({n} cases; Dice, HD95 mm)", evaluation,
         [(f"Dice {r}", "dice", r) for r in regions] + [(f"HD95 {r}", "hd95", r) for r in regions]))
     if settings.lesion_wise:
         console.print(_score_table(
-            f"BraTS {settings.year} lesion-wise ({n} cases; Dice %, HD95 mm)", evaluation,
+            f"BraTS {settings.year} lesion-wise ({n} cases; Dice, HD95 mm)", evaluation,
             [(f"Dice {r}", "lesion_wise_dice", r) for r in regions]
             + [(f"HD95 {r}", "lesion_wise_hd95", r) for r in regions]))
     if settings.legacy_slice_dice:
         console.print(_score_table(
-            "LEGACY slice-averaged Dice % (MTCM-KD authors' metric, NOT the BraTS Dice)",
+            "LEGACY slice-averaged Dice (MTCM-KD authors' metric, NOT the BraTS Dice)",
             evaluation, [(f"slice Dice {r}", "legacy_slice_dice", r) for r in regions]))
 
     mean = evaluation.mean()
-    ref = Table(title="published reference numbers (Dice %)")
+    ref = Table(title="published reference numbers (Dice in %, as published)")
     for col in ("", "source", "data", "WT", "TC", "ET", "mean", "comparable"):
         ref.add_column(col, justify="right" if col in ("WT", "TC", "ET", "mean") else "left")
     mean_dice = [mean["dice"][r] for r in regions]

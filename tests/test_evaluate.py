@@ -269,6 +269,17 @@ def test_empty_predictions_follow_the_legacy_empty_rules(env, tmp_path):
     assert seen_empty_truth  # write_raw gives case 2 no ET
 
 
+def test_console_table_has_the_units_of_the_csv(env, tmp_path):
+    pred = write_predictions(env, tmp_path / "perfect", "perfect")
+    result = invoke("evaluate", "--year", "2021", "--pred", pred, "--gt", env["raw"], "--out",
+                    tmp_path / "eval")
+    assert result.exit_code == 0, result.output + result.stderr
+    mean_rows = [line for line in result.output.splitlines() if " mean " in line]
+    # the score table's mean row: Dice as fractions (like metrics.csv), HD95 in mm
+    cells = [c.strip() for c in mean_rows[0].split("│")[2:8]]
+    assert cells == ["1.000"] * 3 + ["0.00"] * 3, mean_rows[0]
+
+
 def test_metrics_json_and_csv_shape(env, tmp_path):
     metrics, rows = run_pred_eval(env, tmp_path, "perfect")
     assert set(metrics) == {"year", "split", "case_ids", "rules", "hd95_definition",

@@ -12,6 +12,7 @@ counts it). Paths (``PATHS``):
     reference     mtcmkd predict --reference (fp32, windows, overlap 0.5, Gaussian)
     auto          mtcmkd predict (the default: --precision auto, windows)
     bf16-windows  mtcmkd predict --precision bf16 --layout windows
+    auto-overlap25  mtcmkd predict --overlap 0.25 (the default with fewer windows)
     box-fp32      mtcmkd predict --precision fp32 --layout box (one pass over the brain box)
     box-bf16      mtcmkd predict --precision bf16 --layout box
     torchscript   `mtcmkd export torchscript` file, torch.jit.load in Python
@@ -79,6 +80,7 @@ PREDICT_OPTIONS: dict[str, tuple[str, ...]] = {
     "reference": ("--reference",),
     "auto": (),
     "bf16-windows": ("--precision", "bf16", "--layout", "windows"),
+    "auto-overlap25": ("--overlap", "0.25"),
     "box-fp32": ("--precision", "fp32", "--layout", "box"),
     "box-bf16": ("--precision", "bf16", "--layout", "box"),
 }

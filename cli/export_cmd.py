@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .console import console, failer
+from .console import console, err_console, failer
 
 fail = failer("export")
 
@@ -49,6 +49,15 @@ def _release_option(year: str, labels: str | None) -> tuple[str, str]:
     except ValueError as exc:
         fail(f"{flag}: {exc}")
     return value, flag
+
+
+def _old_spellings_note(labels: str | None, verify: bool) -> None:
+    """After a successful export (so that an error stays one line): the old option names used."""
+    old = [f"{a} (now {b})" for a, b, given in (("--labels", "--year", labels is not None),
+                                                ("--verify", "--check", verify)) if given]
+    if old:
+        err_console.print(f"note: {' and '.join(old)}: the old spelling works for a while",
+                          markup=False, highlight=False, soft_wrap=True)
 
 
 def _summary(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -115,6 +124,7 @@ def export_torchscript_cmd(
         ("val Dice", _dice(meta)),
     ])
     if not (check or verify):
+        _old_spellings_note(labels, verify)
         return
 
     try:
@@ -141,6 +151,7 @@ def export_torchscript_cmd(
              f"{case.tolerance:g}), {case.n_label_differences} label(s) differ; file removed",
              code=1)
     console.print("verified: identical labels, probabilities within 1e-4")
+    _old_spellings_note(labels, verify)
 
 
 def _patch_rows(result: Any) -> list[tuple[str, Any]]:

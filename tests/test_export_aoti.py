@@ -133,6 +133,11 @@ def test_torchscript_year_check_and_their_old_spellings(student, tmp_path):
         _, meta = load_exported(out)
         assert meta["label_convention"] == convention, extra
         assert ("verified" in result.output) is checked, extra
+        # the old spellings say so, after the work (an error stays one line)
+        old = {"--labels", "--verify"} & set(extra)
+        assert ("the old spelling works for a while" in result.stderr) is bool(old), extra
+        for flag in old:
+            assert f"{flag} (now" in result.stderr, extra
 
 
 def test_unknown_release_names_the_option_typed(student, tmp_path):

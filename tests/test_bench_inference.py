@@ -118,3 +118,26 @@ def test_aoti_rows_skip_with_a_reason(bench, tmp_path: Path) -> None:
                          {"aoti-python": (None, "compile failed")})
     assert row == {"size": "tiny", "path": "aoti-python", "status": "skipped",
                    "reason": "compile failed"}
+
+
+def test_dice_vs_seconds_pairs_sizes_and_settings_of_both_files(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import plot_dice_vs_seconds as plot
+    finally:
+        sys.path.pop(0)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [
+        {"size": "nano", "path": "reference", "cpu_s_per_case": 50.0},
+        {"size": "nano", "path": "box-bf16", "cpu_s_per_case": 10.0},
+        {"size": "nano", "path": "monai", "cpu_s_per_case": 52.0},  # no Dice for MONAI
+        {"size": "paper", "path": "reference", "cpu_s_per_case": 250.0}]}))  # no paper Dice
+    dice = {"WT": 0.5, "TC": 0.6, "ET": 0.7}
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"summary": {"nano": {
+        "reference": {"dice_mean": dice}, "box-auto": {"dice_mean": {**dice, "TC": 0.4}}}}}))
+    pts = plot.points([bench], study)
+    assert [(p["size"], p["path"], p["cpu_s"], p["dice"]["TC"]) for p in pts] == [
+        ("nano", "reference", 50.0, 0.6), ("nano", "box-bf16", 10.0, 0.4)]
+    plot.plot(pts, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")

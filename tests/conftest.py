@@ -63,6 +63,19 @@ def write_raw(out: Path, layout: str, n: int = 3, shape=(24, 28, 20)) -> list[st
 
 
 @pytest.fixture
+def one_thread_and_seed() -> Iterator[None]:
+    """One torch thread and seed 0 for the test (bit-stable CPU results), then the old count
+    (modules use it with `pytestmark = pytest.mark.usefixtures("one_thread_and_seed")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def raw2021(tmp_path: Path) -> Path:
     raw = tmp_path / "raw"
     write_raw(raw, "2021", n=3)

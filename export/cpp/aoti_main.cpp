@@ -28,8 +28,8 @@
 #include <string>
 #include <vector>
 
+#include "client_common.hpp"
 #include "nifti.hpp"
-#include "sha256.hpp"
 
 namespace {
 
@@ -37,45 +37,13 @@ constexpr const char* kMetadataFile = "mtcmkd.json";
 constexpr const char* kDigestRecord = "extra/weights_sha256";  // export/aoti.py DIGEST_RECORD
 constexpr const char* kFormat = "\"format\": \"mtcmkd-aoti\"";
 
-std::string dtype_name(c10::ScalarType type) {
-  switch (type) {
-    case c10::kFloat: return "float32";
-    case c10::kDouble: return "float64";
-    case c10::kHalf: return "float16";
-    case c10::kBFloat16: return "bfloat16";
-    case c10::kByte: return "uint8";
-    case c10::kChar: return "int8";
-    case c10::kShort: return "int16";
-    case c10::kInt: return "int32";
-    case c10::kLong: return "int64";
-    case c10::kBool: return "bool";
-    default: return c10::toString(type);
-  }
-}
 
 // mtcmkd/integrity.py's weights digest over the tensors the compiled model holds, by their
 // original names (export/aoti.py: package_digest): sorted by name, each fed as name, NUL,
 // dtype, NUL, comma-joined shape, NUL, raw bytes.
 std::string weights_digest(const std::unordered_map<std::string, at::Tensor>& constants) {
-  const std::map<std::string, at::Tensor> state(constants.begin(), constants.end());
-  sha256::Hasher hasher;
-  const char nul = '\0';
-  for (const auto& [name, value] : state) {
-    const at::Tensor t = value.detach().to(torch::kCPU).contiguous();
-    hasher.update(name);
-    hasher.update(&nul, 1);
-    hasher.update(dtype_name(t.scalar_type()));
-    hasher.update(&nul, 1);
-    std::string shape;
-    for (std::int64_t i = 0; i < t.dim(); ++i) {
-      if (i > 0) shape += ",";
-      shape += std::to_string(t.size(i));
-    }
-    hasher.update(shape);
-    hasher.update(&nul, 1);
-    hasher.update(t.data_ptr(), t.nbytes());
-  }
-  return hasher.hex();
+  return client::tensors_digest(std::map<std::string, at::Tensor>(constants.begin(),
+                                                                   constants.end()));
 }
 
 int usage(const char* message) {
@@ -100,10 +68,6 @@ std::string first_line(const std::string& what) {
   return what;
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 // "label_convention": "2021" -> 2021, for the summary line (a tiny JSON lookup: the value is a
 // plain string written by json.dumps).
@@ -119,41 +83,20 @@ std::string json_string(const std::string& json, const std::string& key) {
 }  // namespace
 
 static int run(int argc, char** argv) {
-  std::vector<std::string> positional;
-  int threads = 0;
-  std::int64_t max_voxels = nifti::kMaxVoxels;
-  bool quiet = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--threads") {
-      if (i + 1 >= argc) return usage("--threads needs a value");
-      threads = std::atoi(argv[++i]);
-      if (threads < 1) return usage("--threads must be >= 1");
-    } else if (arg == "--max-voxels") {
-      if (i + 1 >= argc) return usage("--max-voxels needs a value");
-      char* end = nullptr;
-      max_voxels = std::strtoll(argv[++i], &end, 10);
-      if (end == argv[i] || *end != '\0' || max_voxels < 1) {
-        return usage("--max-voxels must be a positive integer");
-      }
-    } else if (arg == "--quiet") {
-      quiet = true;
-    } else if (arg == "-h" || arg == "--help") {
-      usage("segment one volume");
-      return 0;
-    } else if (!arg.empty() && arg[0] == '-') {
-      return usage(("unknown option " + arg).c_str());
-    } else {
-      positional.push_back(arg);
-    }
+  client::Args args;
+  const std::string bad = client::parse_args(argc, argv, args);
+  if (!bad.empty()) return usage(bad.c_str());
+  if (args.help) {
+    usage("segment one volume");
+    return 0;
   }
-  if (positional.size() != 3) return usage("expected PACKAGE INPUT OUTPUT");
-  const std::string& package_path = positional[0];
-  const std::string& input_path = positional[1];
-  const std::string& output_path = positional[2];
-  if (!ends_with(output_path, ".nii") && !ends_with(output_path, ".nii.gz")) {
-    return usage("OUTPUT must end in .nii or .nii.gz");
-  }
+  if (args.positional.size() != 3) return usage("expected PACKAGE INPUT OUTPUT");
+  const int threads = args.threads;
+  const std::int64_t max_voxels = args.max_voxels;
+  const bool quiet = args.quiet;
+  const std::string& package_path = args.positional[0];
+  const std::string& input_path = args.positional[1];
+  const std::string& output_path = args.positional[2];
   if (threads > 0) at::set_num_threads(threads);
 
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;

@@ -34,30 +34,13 @@
 #include <thread>
 #include <vector>
 
+#include "client_common.hpp"
 #include "nifti.hpp"
-#include "sha256.hpp"
 
 namespace {
 
 constexpr const char* kMetadataFile = "mtcmkd.json";
 constexpr const char* kDigestFile = "weights_sha256";
-
-// dtype names as Python prints them without "torch." (the digest's definition).
-std::string dtype_name(c10::ScalarType type) {
-  switch (type) {
-    case c10::kFloat: return "float32";
-    case c10::kDouble: return "float64";
-    case c10::kHalf: return "float16";
-    case c10::kBFloat16: return "bfloat16";
-    case c10::kByte: return "uint8";
-    case c10::kChar: return "int8";
-    case c10::kShort: return "int16";
-    case c10::kInt: return "int32";
-    case c10::kLong: return "int64";
-    case c10::kBool: return "bool";
-    default: return c10::toString(type);
-  }
-}
 
 // The weights digest of mtcmkd/integrity.py: SHA-256 over the module's parameters and
 // buffers sorted by name, each as name, NUL, dtype, NUL, comma-joined shape, NUL, raw bytes.
@@ -65,24 +48,7 @@ std::string weights_digest(const torch::jit::Module& module) {
   std::map<std::string, at::Tensor> state;
   for (const auto& item : module.named_parameters(/*recurse=*/true)) state[item.name] = item.value;
   for (const auto& item : module.named_buffers(/*recurse=*/true)) state[item.name] = item.value;
-  sha256::Hasher hasher;
-  const char nul = '\0';
-  for (const auto& [name, value] : state) {
-    const at::Tensor t = value.detach().to(torch::kCPU).contiguous();
-    hasher.update(name);
-    hasher.update(&nul, 1);
-    hasher.update(dtype_name(t.scalar_type()));
-    hasher.update(&nul, 1);
-    std::string shape;
-    for (std::size_t i = 0; i < static_cast<std::size_t>(t.dim()); ++i) {
-      if (i > 0) shape += ",";
-      shape += std::to_string(t.size(static_cast<std::int64_t>(i)));
-    }
-    hasher.update(shape);
-    hasher.update(&nul, 1);
-    hasher.update(t.data_ptr(), t.nbytes());
-  }
-  return hasher.hex();
+  return client::tensors_digest(state);
 }
 
 // Progress lines on stderr for the long steps (see the top of the file). A background thread
@@ -202,49 +168,24 @@ std::string short_error(const std::string& what) {
   return first == std::string::npos ? what : line.substr(first);
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 }  // namespace
 
 static int run(int argc, char** argv) {
-  std::vector<std::string> positional;
-  int threads = 0;
-  std::int64_t max_voxels = nifti::kMaxVoxels;
-  bool quiet = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "--threads") {
-      if (i + 1 >= argc) return usage("--threads needs a value");
-      threads = std::atoi(argv[++i]);
-      if (threads < 1) return usage("--threads must be >= 1");
-    } else if (arg == "--max-voxels") {
-      if (i + 1 >= argc) return usage("--max-voxels needs a value");
-      char* end = nullptr;
-      max_voxels = std::strtoll(argv[++i], &end, 10);
-      if (end == argv[i] || *end != '\0' || max_voxels < 1) {
-        return usage("--max-voxels must be a positive integer");
-      }
-    } else if (arg == "--quiet") {
-      quiet = true;
-    } else if (arg == "-h" || arg == "--help") {
-      usage("segment one volume");
-      return 0;
-    } else if (!arg.empty() && arg[0] == '-') {
-      return usage(("unknown option " + arg).c_str());
-    } else {
-      positional.push_back(arg);
-    }
+  client::Args args;
+  const std::string bad = client::parse_args(argc, argv, args);
+  if (!bad.empty()) return usage(bad.c_str());
+  if (args.help) {
+    usage("segment one volume");
+    return 0;
   }
-  if (positional.size() != 3) return usage("expected MODULE INPUT OUTPUT");
-  const std::string& module_path = positional[0];
-  const std::string& input_path = positional[1];
-  const std::string& output_path = positional[2];
-  if (!ends_with(output_path, ".nii") && !ends_with(output_path, ".nii.gz")) {
-    return usage("OUTPUT must end in .nii or .nii.gz");
-  }
+  if (args.positional.size() != 3) return usage("expected MODULE INPUT OUTPUT");
+  const int threads = args.threads;
+  const std::int64_t max_voxels = args.max_voxels;
+  const bool quiet = args.quiet;
+  const std::string& module_path = args.positional[0];
+  const std::string& input_path = args.positional[1];
+  const std::string& output_path = args.positional[2];
   if (threads > 0) at::set_num_threads(threads);
   Heartbeat progress(!quiet, progress_after_seconds(), 30.0);
   progress.begin("loading " + module_path);

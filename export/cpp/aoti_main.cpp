@@ -207,29 +207,12 @@ static int run(int argc, char** argv) {
     return 2;
   }
   if (!quiet) {
-    std::size_t counts[256] = {0};
-    for (std::uint8_t v : labels) ++counts[v];
-    std::cout << "wrote " << output_path << " (" << volume.nx << "x" << volume.ny << "x"
-              << volume.nz << ", labels " << convention << ", " << seconds << " s, cpu "
-              << cpu_seconds << " s)";
-    for (int v = 0; v < 256; ++v) {
-      if (counts[v]) std::cout << " " << v << ":" << counts[v];
-    }
-    std::cout << "\n";
+    client::print_written(output_path, volume, convention, seconds, cpu_seconds, labels);
   }
   return 0;
 }
 
 int main(int argc, char** argv) {
-  // Whatever escapes the guarded calls is still one line and an exit code, never an abort.
-  try {
-    return run(argc, argv);
-  } catch (const std::bad_alloc&) {
-    std::cerr << "error: not enough memory\n";
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << first_line(e.what()) << "\n";
-  } catch (...) {
-    std::cerr << "error: unexpected failure\n";
-  }
-  return 1;
+  const auto message = [](const std::string& what) { return first_line(what); };
+  return client::guarded_main(run, message, argc, argv);
 }

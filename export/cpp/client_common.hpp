@@ -6,7 +6,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <iostream>
 #include <map>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -100,6 +102,39 @@ inline std::string parse_args(int argc, char** argv, Args& args) {
     return "OUTPUT must end in .nii or .nii.gz";
   }
   return "";
+}
+
+// The line a successful run prints: the output, its size and release, the times and the
+// voxels per label value.
+inline void print_written(const std::string& output_path, const nifti::Volume& volume,
+                          const std::string& convention, double seconds, double cpu_seconds,
+                          const std::vector<std::uint8_t>& labels) {
+  std::size_t counts[256] = {0};
+  for (std::uint8_t v : labels) ++counts[v];
+  std::cout << "wrote " << output_path << " (" << volume.nx << "x" << volume.ny << "x"
+            << volume.nz << ", labels " << convention << ", " << seconds << " s, cpu "
+            << cpu_seconds << " s)";
+  for (int v = 0; v < 256; ++v) {
+    if (counts[v]) std::cout << " " << v << ":" << counts[v];
+  }
+  std::cout << "\n";
+}
+
+// main() of both programs: whatever escapes `run`'s guarded calls (std::bad_alloc, a libtorch
+// error elsewhere) is still one `error:` line (`message` shortens it) and exit code 1, never
+// std::terminate's abort.
+template <class Run, class Message>
+int guarded_main(Run run, Message message, int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "error: not enough memory\n";
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << message(e.what()) << "\n";
+  } catch (...) {
+    std::cerr << "error: unexpected failure\n";
+  }
+  return 1;
 }
 
 }  // namespace client

@@ -294,30 +294,12 @@ static int run(int argc, char** argv) {
   }
   progress.end();
   if (!quiet) {
-    std::size_t counts[256] = {0};
-    for (std::uint8_t v : labels) ++counts[v];
-    std::cout << "wrote " << output_path << " (" << volume.nx << "x" << volume.ny << "x"
-              << volume.nz << ", labels " << convention << ", " << seconds << " s, cpu "
-              << cpu_seconds << " s)";
-    for (int v = 0; v < 256; ++v) {
-      if (counts[v]) std::cout << " " << v << ":" << counts[v];
-    }
-    std::cout << "\n";
+    client::print_written(output_path, volume, convention, seconds, cpu_seconds, labels);
   }
   return 0;
 }
 
 int main(int argc, char** argv) {
-  // Last line of defence: whatever escapes (std::bad_alloc, a libtorch error outside the
-  // guarded calls) is still one line and an exit code, never std::terminate's abort.
-  try {
-    return run(argc, argv);
-  } catch (const std::bad_alloc&) {
-    std::cerr << "error: not enough memory\n";
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << short_error(e.what()) << "\n";
-  } catch (...) {
-    std::cerr << "error: unexpected failure\n";
-  }
-  return 1;
+  const auto message = [](const std::string& what) { return short_error(what); };
+  return client::guarded_main(run, message, argc, argv);
 }

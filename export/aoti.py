@@ -72,6 +72,7 @@ from .torchscript import (
     reference_prediction,
     synthetic_volume,
     verification_shapes,
+    verification_volumes,
 )
 
 __all__ = [
@@ -432,8 +433,7 @@ def verify_aoti(path: str | os.PathLike[str], bundle: StudentBundle, *,
     """
     model, metadata = load_aoti(path)
     if volumes is None:
-        volumes = [synthetic_volume(shape, len(bundle.channels), seed=i)
-                   for i, shape in enumerate(verification_shapes(bundle.patch_size))]
+        volumes = verification_volumes(bundle)
     cases = []
     for i, volume in enumerate(volumes):
         if progress is not None:

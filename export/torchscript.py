@@ -67,6 +67,7 @@ __all__ = [
     "load_exported",
     "reference_prediction",
     "synthetic_volume",
+    "verification_volumes",
     "verification_shapes",
     "verify_export",
 ]
@@ -277,6 +278,13 @@ def verification_shapes(patch_size: Sequence[int]) -> list[tuple[int, int, int]]
     return [(pd + pd // 2 + 5, ph + 3, pw // 2 + 7), (pd // 2 + 9, ph // 2 + 6, pw + 3)]
 
 
+def verification_volumes(bundle: StudentBundle) -> list[np.ndarray]:
+    """The default check volumes of every whole-inference export: :func:`synthetic_volume` at
+    the two :func:`verification_shapes` of the student's patch, one seed each."""
+    return [synthetic_volume(shape, len(bundle.channels), seed=i)
+            for i, shape in enumerate(verification_shapes(bundle.patch_size))]
+
+
 def synthetic_volume(shape: Sequence[int], n_channels: int = 1, seed: int = 0) -> np.ndarray:
     """A head-like test volume (C, D, H, W) float32: an ellipsoid "brain" of integer scanner
     intensities with a bright blob, inside a zero background margin of 2 voxels.
@@ -365,8 +373,7 @@ def verify_export(path: str | os.PathLike[str], bundle: StudentBundle, *,
     """
     module, metadata = load_exported(path)
     if volumes is None:
-        volumes = [synthetic_volume(shape, len(bundle.channels), seed=i)
-                   for i, shape in enumerate(verification_shapes(bundle.patch_size))]
+        volumes = verification_volumes(bundle)
     cases = []
     for i, volume in enumerate(volumes):
         if progress is not None:

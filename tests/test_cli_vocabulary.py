@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import typer.main
 from conftest import write_raw
-from test_evaluate import assert_same_space, make_student
+from test_evaluate import assert_same_space, student_env
 from typer.testing import CliRunner
 
 from mtcmkd.cli.main import app, expand_set_pairs
-from mtcmkd.preprocessing import preprocess
 
 SHAPE = (24, 28, 20)
 runner = CliRunner()
@@ -41,14 +40,7 @@ def one_line_error(result, section: str) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vocabulary")
-    raw = root / "raw"
-    ids = sorted(write_raw(raw, "2021", n=4, shape=SHAPE))
-    store = root / "store"
-    assert not preprocess(raw, store, n_folds=2).failed
-    # ET wherever there is brain: exact labels to compare files with
-    run = make_student(root / "run", store, et_everywhere=True, kind="kdnet", widths=(2, 4, 6))
-    return {"root": root, "raw": raw, "ids": ids, "store": store, "run": run}
+    return student_env(tmp_path_factory.mktemp("vocabulary"), et_everywhere=True, kind="kdnet", widths=(2, 4, 6))
 
 
 def labels_of(folder: Path) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -72,16 +73,24 @@ def make_student(path: Path, store: Path | None, *, et_everywhere: bool = False,
     return path
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
+def student_env(root: Path, **student: Any) -> dict[str, Any]:
+    """Four 2021 cases in a raw folder and a two-fold store under `root`, and a run folder
+    with a student trained on nothing (`make_student(**student)`): what the CLI tests of
+    evaluate, predict and their logs start from."""
     raw = root / "raw"
     ids = sorted(write_raw(raw, "2021", n=4, shape=SHAPE))
     store = root / "store"
     assert not preprocess(raw, store, n_folds=2).failed
-    run = make_student(root / "run", store)
-    et_run = make_student(root / "et_run", store, et_everywhere=True, kind="kdnet", widths=(2, 4, 6))
-    return {"root": root, "raw": raw, "ids": ids, "store": store, "run": run, "et_run": et_run}
+    run = make_student(root / "run", store, **student)
+    return {"root": root, "raw": raw, "ids": ids, "store": store, "run": run}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = student_env(tmp_path_factory.mktemp("evaluate"))
+    env["et_run"] = make_student(env["root"] / "et_run", env["store"], et_everywhere=True,
+                                 kind="kdnet", widths=(2, 4, 6))
+    return env
 
 
 def t1ce(raw: Path, case_id: str) -> Path:

@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import typer
-from conftest import blob_case, write_raw
-from test_evaluate import make_student
+from conftest import blob_case
+from test_evaluate import student_env
 from typer.testing import CliRunner
 
 from mtcmkd.brats import release
@@ -54,13 +54,7 @@ def error_line(result, code: int = 2) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults_predict")
-    raw = root / "raw"
-    ids = sorted(write_raw(raw, "2021", n=4, shape=SHAPE))
-    store = root / "store"
-    assert not preprocess(raw, store, n_folds=2).failed
-    run = make_student(root / "run", store, kind="kdnet", widths=(2, 4, 6))
-    return {"root": root, "raw": raw, "ids": ids, "store": store, "run": run}
+    return student_env(tmp_path_factory.mktemp("faults_predict"), kind="kdnet", widths=(2, 4, 6))
 
 
 def t1ce(raw: Path, case_id: str) -> Path:

@@ -19,12 +19,11 @@ import pytest
 import torch
 from conftest import write_raw
 from rich.table import Table
-from test_evaluate import make_student
+from test_evaluate import make_student, student_env
 from typer.testing import CliRunner
 
 from mtcmkd.cli.console import PIPED_WIDTH, CaseProgress, _LogFriendlyConsole, format_duration
 from mtcmkd.cli.main import app
-from mtcmkd.preprocessing import preprocess
 
 SHAPE = (24, 28, 20)
 runner = CliRunner()
@@ -38,13 +37,7 @@ def invoke(*args: object, **env: str):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("progress")
-    raw = root / "raw"
-    ids = sorted(write_raw(raw, "2021", n=4, shape=SHAPE))
-    store = root / "store"
-    assert not preprocess(raw, store, n_folds=2).failed
-    run = make_student(root / "run", store, kind="kdnet", widths=(2, 4, 6))
-    return {"root": root, "raw": raw, "ids": ids, "store": store, "run": run}
+    return student_env(tmp_path_factory.mktemp("progress"), kind="kdnet", widths=(2, 4, 6))
 
 
 class FakeClock:

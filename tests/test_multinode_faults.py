@@ -338,7 +338,10 @@ def test_time_limit_warning_reaches_both_nodes_and_the_requeued_job_resumes_on_b
         assert job.attempt(rank, second) == {"rank": rank, "host": node.name,
                                              "preempted": False, "step": STEPS}
         assert [s for att, s, _ in job.steps(rank) if att == second][0] == 4
-    assert "mtcmkdnode1: task 0: Exited with exit code 3" in log, log[-4000:]
+    # srun --kill-on-bad-exit ends the other task once the first exits 3, so only the first
+    # one's exit code is certain to be 3 (either node's; the other may read "Terminated"); that
+    # both ranks stopped for the warning at step 3 is what job.attempt() above checked
+    assert re.search(r"mtcmkdnode[12]: task [01]: Exited with exit code 3", log), log[-4000:]
     assert "requeueing job" in log and "resumed from step_00000003" in log, log[-4000:]
     records = [json.loads(line) for line in (job.out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "preempted"] == [3]

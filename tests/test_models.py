@@ -253,6 +253,65 @@ def test_bf16_autocast_cpu_gives_finite_outputs() -> None:
         assert torch.isfinite(fused.float()).all()
 
 
+def _out_of_place_copy(net: ResidualUNet) -> ResidualUNet:
+    """The same weights with every in-place step of the network turned off (the layers as
+    they were before inference dropped its extra full-size tensors)."""
+    import copy
+
+    twin = copy.deepcopy(net)
+    for m in twin.modules():
+        if isinstance(m, nn.LeakyReLU):
+            m.inplace = False
+    return twin
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_inference_forward_gives_the_training_forward_bit_for_bit(autocast: bool) -> None:
+    """`forward` under no_grad (skips dropped, gate and residual sums in place) computes the
+    same logits as with autograd on and as `forward_features`, and leaves its input alone."""
+    net = ResidualUNet(1, 4, TINY).eval()
+    x = torch.randn(2, 1, 16, 24, 16)
+    before = x.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            lean = net(x)
+        with_grad = net(x).detach()
+        features = net.forward_features(x)["logits"].detach()
+    assert torch.equal(x, before)
+    assert torch.equal(lean, with_grad) and torch.equal(lean, features)
+    assert lean.dtype == (torch.bfloat16 if autocast else torch.float32)
+
+
+def test_gate_pools_channels_last_bf16_in_place_with_the_same_result() -> None:
+    """bf16 channels-last maps take the gate's matrix-product mean: the same factors (to bf16
+    rounding) as the plain mean of the same values laid out contiguously."""
+    gate = ChannelAttentionGate(24).eval()
+    x = (torch.randn(2, 24, 8, 12, 10) + torch.linspace(-3, 3, 24)[None, :, None, None, None])
+    x = x.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = gate.scale(x.contiguous())
+        fast = gate.scale(x.contiguous(memory_format=torch.channels_last_3d))
+        pooled = x.float().flatten(2).mean(-1)
+    assert fast.shape == plain.shape == (2, 24, 1, 1, 1) and fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), plain.float(), atol=2e-2, rtol=0)
+    assert pooled.std() > 1  # channels differ, so a mixed-up channel order would show
+
+
+def test_in_place_layers_leave_the_gradients_unchanged() -> None:
+    """In-place LeakyReLU and residual sums give the gradients of the out-of-place layers,
+    bit for bit (training takes the in-place path too)."""
+    net = ResidualUNet(1, 4, TINY).train()
+    twin = _out_of_place_copy(net)
+    x = torch.randn(2, 1, 16, 16, 16)
+    grads = []
+    for model in (net, twin):
+        feats = model.forward_features(x)
+        loss = sum(v.float().square().mean() for v in feats.values())
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 @pytest.mark.parametrize("groups, affine", [(4, True), (6, False), (24, True)])
 def test_group_norm_by_reduction_matches_torch(groups, affine):
     """The GPU path of GroupNorm3d (run here on the CPU) against F.group_norm in float64."""

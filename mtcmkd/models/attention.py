@@ -48,9 +48,23 @@ class ChannelAttentionGate(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale(x)
+
+    @torch.jit.export
+    def scale(self, x: Tensor) -> Tensor:
+        """The per-channel factor, (B, C, 1, 1, 1) in x's dtype (forward = x * scale(x))."""
         # Flatten the spatial dims so the pooling is independent of the number of them.
         flat = x.flatten(2)
-        avg = flat.mean(dim=-1)
+        if x.dim() == 5 and x.dtype == torch.bfloat16 and not x.is_contiguous() \
+                and x.is_contiguous(memory_format=torch.channels_last_3d):
+            # bf16 channels-last (the CPU fast path): torch's mean over the strided voxel axis
+            # copies the whole map and is slow; a ones-vector product reads it in place
+            # (float32 accumulation, then bf16 as the mean itself gives)
+            voxels = x.permute(0, 2, 3, 4, 1).reshape(x.shape[0], -1, x.shape[1])
+            ones = torch.ones(x.shape[0], 1, voxels.shape[1], dtype=x.dtype, device=x.device)
+            avg = torch.bmm(ones, voxels).squeeze(1) / voxels.shape[1]
+        else:
+            avg = flat.mean(dim=-1)
         peak = flat.amax(dim=-1)
         scale = torch.sigmoid(self.mlp(avg) + self.mlp(peak))
-        return x * scale[:, :, None, None, None].to(x.dtype)
+        return scale[:, :, None, None, None].to(x.dtype)

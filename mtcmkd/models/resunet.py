@@ -62,13 +62,18 @@ class Stem(nn.Module):
         self.main = nn.Sequential(
             _conv3(in_channels, out_channels),
             instance_norm3d(out_channels),  # as nn.InstanceNorm3d: not affine, no running stats
-            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             _conv3(out_channels, out_channels),
         )
         self.shortcut = _conv3(in_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x) + self.shortcut(x)
+        out = self.main(x)
+        shortcut = self.shortcut(x)
+        if out.dtype != shortcut.dtype:  # autocast on a GPU: float32 norm beside a bf16 conv
+            return out + shortcut
+        out += shortcut  # in place (the conv that made `out` does not keep it): less memory
+        return out
 
 
 class ResidualBlock(nn.Module):
@@ -88,10 +93,10 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.main = nn.Sequential(
             GroupNorm3d(group_norm_groups(in_channels), in_channels),
-            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             _conv3(in_channels, out_channels, stride),
             GroupNorm3d(group_norm_groups(out_channels), out_channels),
-            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
             _conv3(out_channels, out_channels),
         )
         self.shortcut = nn.Sequential(
@@ -100,7 +105,12 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x) + self.shortcut(x)
+        out = self.main(x)
+        shortcut = self.shortcut(x)
+        if out.dtype != shortcut.dtype:  # autocast on a GPU: float32 norm beside a bf16 conv
+            return out + shortcut
+        out += shortcut  # in place (the conv that made `out` does not keep it): less memory
+        return out
 
 
 class DecoderStage(nn.Module):
@@ -121,7 +131,11 @@ class DecoderStage(nn.Module):
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         x = torch.cat([self.up(x), skip], dim=1)
-        return self.block(self.gate(x))
+        if torch.is_grad_enabled():
+            return self.block(self.gate(x))
+        # Inference: scale the concatenation in place (nothing else reads it), one full-size
+        # tensor fewer at the full-resolution stage (docs/PERFORMANCE.md, peak memory)
+        return self.block(x.mul_(self.gate.scale(x)))
 
 
 def check_spatial_size(x: Tensor, multiple: int) -> None:
@@ -223,8 +237,17 @@ class ResidualUNet(nn.Module):
             ValueError: for a non-5D input or a spatial size that is not a multiple of
                 ``size_multiple`` (8 with the default widths).
         """
-        _, decoded = self._run(x)
-        return self.head(decoded[-1])
+        # `_run` without its lists: each skip is dropped once its stage has used it and no
+        # decoder output is kept, so inference holds about one full-size tensor fewer
+        check_spatial_size(x, self.size_multiple)
+        skips: list[Tensor] = []
+        x = self.stem(x)
+        for block in self.encoder:
+            skips.append(x)
+            x = block(x)
+        for stage in self.decoder:
+            x = stage(x, skips.pop())
+        return self.head(x)
 
     @torch.jit.export
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:

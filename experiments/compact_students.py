@@ -192,6 +192,46 @@ def summarise(records: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def size_contrasts(records: dict[str, dict[int, dict[str, Any]]], against: str = "paper",
+                   variant: str = "reference", resamples: int = 10_000) -> dict[str, Any]:
+    """Each other size minus `against`, paired over test cases: per case the Dice averaged over
+    the seeds each size has, then the mean difference over cases and its 95% percentile
+    bootstrap interval over cases (seed 0). Seed-to-seed spread is not in the interval (with
+    few seeds it cannot be estimated); read it beside the sd over seeds of the summary."""
+
+    def seed_means(size: str) -> dict[str, dict[str, float]]:
+        per_case: dict[str, dict[str, list[float]]] = {}
+        for record in records[size].values():
+            for case, dice in record["variants"].get(variant, {}).items():
+                for r in REGIONS:
+                    if dice[r] is not None:
+                        per_case.setdefault(case, {}).setdefault(r, []).append(dice[r])
+        return {c: {r: float(np.mean(v)) for r, v in d.items()} for c, d in per_case.items()}
+
+    if against not in records:
+        return {}
+    base = seed_means(against)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    for size in records:
+        if size == against:
+            continue
+        other = seed_means(size)
+        entry: dict[str, Any] = {}
+        for r in REGIONS:
+            diffs = np.array([other[c][r] - base[c][r] for c in sorted(other)
+                              if c in base and r in other[c] and r in base[c]])
+            if diffs.size == 0:
+                continue
+            boot = diffs[rng.integers(0, diffs.size, (resamples, diffs.size))].mean(axis=1)
+            entry[r] = {"mean": float(diffs.mean()),
+                        "ci95": [float(np.percentile(boot, 2.5)),
+                                 float(np.percentile(boot, 97.5))],
+                        "cases": int(diffs.size)}
+        out[size] = entry
+    return {"against": against, "variant": variant, "sizes": out}
+
+
 def fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
@@ -237,6 +277,18 @@ def markdown(result: dict[str, Any]) -> str:
                 + " | ".join(fmt(d[r], True) for r in REGIONS) + f" | {fmt(mx['WT'])} |")
     lines += ["", "Variants: " + "; ".join(f"`{k}` = `{' '.join(v)}`"
                                           for k, v in VARIANTS.items()) + ".", ""]
+    contrasts = result.get("size_contrasts") or {}
+    if contrasts.get("sizes"):
+        lines += [f"Each size minus {contrasts['against']} (`{contrasts['variant']}`), paired "
+                  "over test cases (per case the mean over seeds), 95% bootstrap interval over "
+                  "cases; seed-to-seed spread is not in the interval:", "",
+                  "| size | " + " | ".join(f"{r} - {contrasts['against']}" for r in REGIONS)
+                  + " |", "|---|---|---|---|"]
+        for size, entry in contrasts["sizes"].items():
+            cells = [f"{e['mean']:+.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
+                     if (e := entry.get(r)) else "-" for r in REGIONS]
+            lines.append(f"| {size} | " + " | ".join(cells) + " |")
+        lines.append("")
     if result["failed"]:
         lines += ["Failed: " + "; ".join(f"{f['run']}: {f['reason']}" for f in result["failed"]),
                   ""]
@@ -328,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"FAILED {name}: {failed[-1]['reason']}", flush=True)
     settings["load_at_end"] = os.getloadavg()
     result = {"settings": settings, "sizes": sizes, "summary": summarise(runs),
+              "size_contrasts": size_contrasts(runs),
               "runs": {s: {str(k): v for k, v in r.items()} for s, r in runs.items()},
               "failed": failed}
     text = json.dumps(result, indent=2, allow_nan=False, default=_json_default) + "\n"

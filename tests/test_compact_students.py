@@ -52,6 +52,29 @@ def test_summary_means_and_paired_differences(cs) -> None:
     assert "auto" not in summary  # a variant no seed has is left out
 
 
+def test_size_contrasts_pair_cases_after_averaging_seeds(cs) -> None:
+    records = {
+        "paper": {0: {"variants": {"reference": cases([0.8, 0.6, 0.5], [0.5, None, 0.4])}},
+                  1: {"variants": {"reference": cases([0.6, 0.6, 0.7], [0.7, None, 0.6])}}},
+        "nano": {0: {"variants": {"reference": cases([0.6, 0.5, 0.5], [0.4, 0.9, 0.5])}}},
+    }
+    out = cs.size_contrasts(records)
+    assert out["against"] == "paper" and list(out["sizes"]) == ["nano"]
+    wt = out["sizes"]["nano"]["WT"]
+    # per case: paper's seed means 0.7, 0.6, 0.6; nano 0.6, 0.5, 0.5 -> -0.1 each
+    assert wt["mean"] == pytest.approx(-0.1) and wt["cases"] == 3
+    assert wt["ci95"] == pytest.approx([-0.1, -0.1])
+    et = out["sizes"]["nano"]["ET"]  # c1 has no paper ET: two pairs, -0.2 and 0.0
+    assert et["cases"] == 2 and et["mean"] == pytest.approx(-0.1)
+    assert et["ci95"][0] == pytest.approx(-0.2) and et["ci95"][1] == pytest.approx(0.0)
+    assert cs.size_contrasts({"nano": records["nano"]}) == {}
+    text = cs.markdown({"settings": {"cases": 3, "shape": [8, 8, 8], "store": {
+        "train": 1, "validation": 1, "test": 3}, "patch": 8, "batch": 1, "student_steps": 1,
+        "lr": 0.1, "seeds": [0, 1], "threads": 1, "load_at_start": [0.0], "load_at_end": [0.0]},
+        "sizes": {}, "summary": {}, "runs": {}, "failed": [], "size_contrasts": out})
+    assert "| nano | -0.100 [-0.100, -0.100] |" in text
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_tiny_run_end_to_end_and_resumed(tmp_path: Path) -> None:

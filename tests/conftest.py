@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,6 +29,17 @@ SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats
 #: torch.compile's CPU backend (inductor) builds C++: skip where no compiler is installed.
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of benchmarks/ or experiments/ (not a package) imported as a module, registered
+    in sys.modules under its file's stem (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def blob_case(shape: tuple[int, int, int] = (24, 28, 20), seed: int = 0, has_et: bool = True):

@@ -3,7 +3,6 @@ the reference), and its measuring helpers (agreement, Dice vs truth, skipped AOT
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from mtcmkd.nifti_io import read_nifti, write_label_nifti
 
@@ -26,11 +26,7 @@ ROW_KEYS = {"size", "path", "status", "case_seconds", "wall_s_per_case", "proces
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_inference", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 @pytest.fixture(scope="module")

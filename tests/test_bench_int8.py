@@ -4,7 +4,6 @@ the accuracy comparison on a tiny store (calibration from training cases only)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from test_evaluate import student_env
 
 from mtcmkd.models import build_network
@@ -25,11 +25,7 @@ ORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_int8", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 def needs_ort() -> None:

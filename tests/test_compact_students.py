@@ -3,7 +3,6 @@ reference) on hand-made records, and one tiny run end to end, resumed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,18 +10,14 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "compact_students.py"
 
 
 @pytest.fixture(scope="module")
 def cs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compact_students", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def cases(wt: list[float], et: list[float | None]) -> dict[str, dict[str, float | None]]:

@@ -4,9 +4,7 @@ synthetic run folders (checked against `mtcmkd.compare.compare`), and one tiny e
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from mtcmkd.compare import compare, holm
 
@@ -23,12 +22,7 @@ REGIONS = ("WT", "TC", "ET")
 
 @pytest.fixture(scope="module")
 def study() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("decisive_study", STUDY_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY_FILE)
 
 
 # --- convergence ------------------------------------------------------------------------------

@@ -50,6 +50,15 @@ def _conv3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3d:
     return nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=True)
 
 
+def _residual_sum(out: Tensor, shortcut: Tensor) -> Tensor:
+    """``out + shortcut``, in place into `out` when the dtypes agree (`out` comes from a conv,
+    which does not keep its output for backward): one full-size tensor less at the peak."""
+    if out.dtype != shortcut.dtype:  # e.g. a float32 norm beside a bf16 conv under autocast
+        return out + shortcut
+    out += shortcut
+    return out
+
+
 class Stem(nn.Module):
     """conv3(in -> C) -> InstanceNorm (not affine) -> LeakyReLU -> conv3(C -> C), plus a
     parallel conv3(in -> C) shortcut; the two are summed, no activation after the sum.
@@ -68,12 +77,7 @@ class Stem(nn.Module):
         self.shortcut = _conv3(in_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.main(x)
-        shortcut = self.shortcut(x)
-        if out.dtype != shortcut.dtype:  # autocast on a GPU: float32 norm beside a bf16 conv
-            return out + shortcut
-        out += shortcut  # in place (the conv that made `out` does not keep it): less memory
-        return out
+        return _residual_sum(self.main(x), self.shortcut(x))
 
 
 class ResidualBlock(nn.Module):
@@ -105,12 +109,7 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.main(x)
-        shortcut = self.shortcut(x)
-        if out.dtype != shortcut.dtype:  # autocast on a GPU: float32 norm beside a bf16 conv
-            return out + shortcut
-        out += shortcut  # in place (the conv that made `out` does not keep it): less memory
-        return out
+        return _residual_sum(self.main(x), self.shortcut(x))
 
 
 class DecoderStage(nn.Module):
@@ -214,19 +213,23 @@ class ResidualUNet(nn.Module):
         self.ds_half_head = nn.Conv3d(widths[1], n_classes, kernel_size=1, bias=True)
         self.ds_quarter_head = nn.Conv3d(widths[2], n_classes, kernel_size=1, bias=True)
 
-    def _run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Return (bridge output, decoder stage outputs from coarsest to full resolution)."""
+    def _encode(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Return (bridge output, skips from full resolution down)."""
         check_spatial_size(x, self.size_multiple)
         skips: list[Tensor] = []
         x = self.stem(x)
         for block in self.encoder:
             skips.append(x)
             x = block(x)
-        bottleneck = x
+        return x, skips
+
+    def _run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Return (bridge output, decoder stage outputs from coarsest to full resolution)."""
+        bottleneck, skips = self._encode(x)
+        x = bottleneck
         decoded: list[Tensor] = []
-        n_skips = len(skips)
-        for k, stage in enumerate(self.decoder):
-            x = stage(x, skips[n_skips - 1 - k])
+        for stage in self.decoder:
+            x = stage(x, skips.pop())
             decoded.append(x)
         return bottleneck, decoded
 
@@ -237,14 +240,9 @@ class ResidualUNet(nn.Module):
             ValueError: for a non-5D input or a spatial size that is not a multiple of
                 ``size_multiple`` (8 with the default widths).
         """
-        # `_run` without its lists: each skip is dropped once its stage has used it and no
-        # decoder output is kept, so inference holds about one full-size tensor fewer
-        check_spatial_size(x, self.size_multiple)
-        skips: list[Tensor] = []
-        x = self.stem(x)
-        for block in self.encoder:
-            skips.append(x)
-            x = block(x)
+        # `_run` without its list of decoder outputs, and each skip dropped once its stage has
+        # used it: inference holds about one full-size tensor fewer
+        x, skips = self._encode(x)
         for stage in self.decoder:
             x = stage(x, skips.pop())
         return self.head(x)

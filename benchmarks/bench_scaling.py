@@ -228,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             args.json_out.write_text(json.dumps(rows, indent=2) + "\n")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    return 0
+    # Results are written and the group is gone: leave without the interpreter's teardown,
+    # where a communication thread left joinable once aborted both ranks of a finished run
+    # ("terminate called without an active exception", CI of 2026-11-30)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ what killed runs left (staging, incomplete cases). See docs/STORE.md.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import math
 import multiprocessing as mp
@@ -570,13 +571,22 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
             for case in cases:
                 record(convert_case(case, store, options))
         else:
-            # fork: workers start fast and inherit the imports; no threads exist yet here.
+            # fork: workers start fast and inherit the imports. A long-lived caller (a notebook,
+            # a test session) may hold garbage whose destructors own C++ threads (a torch or
+            # ONNX Runtime pool); a worker that collected it would abort on threads it does not
+            # have. So collect it here, where the threads exist, and freeze what remains so the
+            # workers never collect the parent's objects (the gc docs' fork recipe).
             ctx = mp.get_context("fork") if os.name == "posix" else mp.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                     initializer=_worker_init) as pool:
-                futures = [pool.submit(convert_case, case, store, options) for case in cases]
-                for fut in as_completed(futures):
-                    record(fut.result())
+            gc.collect()
+            gc.freeze()
+            try:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                         initializer=_worker_init) as pool:
+                    futures = [pool.submit(convert_case, case, store, options) for case in cases]
+                    for fut in as_completed(futures):
+                        record(fut.result())
+            finally:
+                gc.unfreeze()
         report.results.sort(key=lambda r: r.case_id)
         _, report.folds, report.test = finalise_store(store, n_folds, seed, image_dtype,
                                                       previous, test_fraction)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -210,6 +212,33 @@ def test_two_workers_give_identical_content(tmp_path):
     a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
     a.pop("preprocess_report.json"), b.pop("preprocess_report.json")
     assert a == b
+
+
+class _Garbage:
+    """Cyclic garbage whose destructor notes the process it runs in (as an object owning a
+    C++ thread pool would need to be destroyed in the process that has the threads)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.me = log, self
+
+    def __del__(self) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_workers_never_collect_the_callers_garbage(tmp_path):
+    """The caller's pending garbage is collected in the caller before the workers fork, and the
+    workers cannot collect the caller's objects (CI once aborted in a worker that did)."""
+    raw, log = tmp_path / "raw", tmp_path / "deleted_in.txt"
+    write_raw(raw, "2021", n=4)
+    gc.disable()  # only the driver's own collection may run
+    try:
+        _Garbage(log)
+        preprocess(raw, tmp_path / "store", workers=2)
+        assert log.read_text().split() == [str(os.getpid())]
+        assert gc.get_freeze_count() == 0  # unfrozen again for the caller
+    finally:
+        gc.enable()
 
 
 def test_resume_after_crash_leaves_identical_content(tmp_path, monkeypatch):

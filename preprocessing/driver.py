@@ -578,6 +578,7 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
             # workers never collect the parent's objects (the gc docs' fork recipe).
             ctx = mp.get_context("fork") if os.name == "posix" else mp.get_context("spawn")
             gc.collect()
+            caller_froze = gc.get_freeze_count() > 0  # theirs stays frozen: undo only ours
             gc.freeze()
             try:
                 with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
@@ -586,7 +587,8 @@ def preprocess(raw: Path, store: Path, *, year: str | None = None, workers: int 
                     for fut in as_completed(futures):
                         record(fut.result())
             finally:
-                gc.unfreeze()
+                if not caller_froze:
+                    gc.unfreeze()
         report.results.sort(key=lambda r: r.case_id)
         _, report.folds, report.test = finalise_store(store, n_folds, seed, image_dtype,
                                                       previous, test_fraction)
